@@ -1,0 +1,237 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DataType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DATA_TYPE_UNSPECIFIED: _ClassVar[DataType]
+    DATA_TYPE_FLOAT32: _ClassVar[DataType]
+    DATA_TYPE_FLOAT16: _ClassVar[DataType]
+    DATA_TYPE_FLOAT64: _ClassVar[DataType]
+    DATA_TYPE_UINT8: _ClassVar[DataType]
+    DATA_TYPE_INT32: _ClassVar[DataType]
+    DATA_TYPE_INT64: _ClassVar[DataType]
+    DATA_TYPE_BOOL: _ClassVar[DataType]
+DATA_TYPE_UNSPECIFIED: DataType
+DATA_TYPE_FLOAT32: DataType
+DATA_TYPE_FLOAT16: DataType
+DATA_TYPE_FLOAT64: DataType
+DATA_TYPE_UINT8: DataType
+DATA_TYPE_INT32: DataType
+DATA_TYPE_INT64: DataType
+DATA_TYPE_BOOL: DataType
+
+class Tensor(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "data")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: DataType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ModelSpec(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class PredictRequest(_message.Message):
+    __slots__ = ("model", "inputs")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    model: ModelSpec
+    inputs: _containers.RepeatedCompositeFieldContainer[Tensor]
+    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+
+class PredictResponse(_message.Message):
+    __slots__ = ("model", "outputs")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    model: ModelSpec
+    outputs: _containers.RepeatedCompositeFieldContainer[Tensor]
+    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+
+class LayerRef(_message.Message):
+    __slots__ = ("name", "index")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    index: int
+    def __init__(self, name: _Optional[str] = ..., index: _Optional[int] = ...) -> None: ...
+
+class Objective(_message.Message):
+    __slots__ = ("layer", "filter_indices", "weight")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    FILTER_INDICES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    layer: LayerRef
+    filter_indices: _containers.RepeatedScalarFieldContainer[int]
+    weight: float
+    def __init__(self, layer: _Optional[_Union[LayerRef, _Mapping]] = ..., filter_indices: _Optional[_Iterable[int]] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class Explanation(_message.Message):
+    __slots__ = ("method", "objectives", "grad_modifiers", "keepdims", "normalize", "keep_activation", "output_dtype", "backprop_modifier", "wrt", "seed", "input")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVES_FIELD_NUMBER: _ClassVar[int]
+    GRAD_MODIFIERS_FIELD_NUMBER: _ClassVar[int]
+    KEEPDIMS_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZE_FIELD_NUMBER: _ClassVar[int]
+    KEEP_ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    BACKPROP_MODIFIER_FIELD_NUMBER: _ClassVar[int]
+    WRT_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    objectives: _containers.RepeatedCompositeFieldContainer[Objective]
+    grad_modifiers: _containers.RepeatedScalarFieldContainer[str]
+    keepdims: bool
+    normalize: bool
+    keep_activation: bool
+    output_dtype: DataType
+    backprop_modifier: str
+    wrt: LayerRef
+    seed: int
+    input: str
+    def __init__(self, method: _Optional[str] = ..., objectives: _Optional[_Iterable[_Union[Objective, _Mapping]]] = ..., grad_modifiers: _Optional[_Iterable[str]] = ..., keepdims: _Optional[bool] = ..., normalize: _Optional[bool] = ..., keep_activation: _Optional[bool] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., backprop_modifier: _Optional[str] = ..., wrt: _Optional[_Union[LayerRef, _Mapping]] = ..., seed: _Optional[int] = ..., input: _Optional[str] = ...) -> None: ...
+
+class ExplainRequest(_message.Message):
+    __slots__ = ("model", "inputs", "explanation")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATION_FIELD_NUMBER: _ClassVar[int]
+    model: ModelSpec
+    inputs: _containers.RepeatedCompositeFieldContainer[Tensor]
+    explanation: Explanation
+    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., explanation: _Optional[_Union[Explanation, _Mapping]] = ...) -> None: ...
+
+class SaliencyMap(_message.Message):
+    __slots__ = ("grad_modifier", "map")
+    GRAD_MODIFIER_FIELD_NUMBER: _ClassVar[int]
+    MAP_FIELD_NUMBER: _ClassVar[int]
+    grad_modifier: str
+    map: Tensor
+    def __init__(self, grad_modifier: _Optional[str] = ..., map: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class ResolvedObjective(_message.Message):
+    __slots__ = ("layer_name", "layer_index", "filter_indices", "weight", "used_logits", "reduction")
+    LAYER_NAME_FIELD_NUMBER: _ClassVar[int]
+    LAYER_INDEX_FIELD_NUMBER: _ClassVar[int]
+    FILTER_INDICES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    USED_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    REDUCTION_FIELD_NUMBER: _ClassVar[int]
+    layer_name: str
+    layer_index: int
+    filter_indices: _containers.RepeatedScalarFieldContainer[int]
+    weight: float
+    used_logits: bool
+    reduction: str
+    def __init__(self, layer_name: _Optional[str] = ..., layer_index: _Optional[int] = ..., filter_indices: _Optional[_Iterable[int]] = ..., weight: _Optional[float] = ..., used_logits: _Optional[bool] = ..., reduction: _Optional[str] = ...) -> None: ...
+
+class ResolvedExplanation(_message.Message):
+    __slots__ = ("method", "objectives", "grad_modifiers", "keepdims", "normalize", "output_dtype", "input", "channels_reduced", "seed")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVES_FIELD_NUMBER: _ClassVar[int]
+    GRAD_MODIFIERS_FIELD_NUMBER: _ClassVar[int]
+    KEEPDIMS_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_REDUCED_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    objectives: _containers.RepeatedCompositeFieldContainer[ResolvedObjective]
+    grad_modifiers: _containers.RepeatedScalarFieldContainer[str]
+    keepdims: bool
+    normalize: bool
+    output_dtype: DataType
+    input: str
+    channels_reduced: bool
+    seed: int
+    def __init__(self, method: _Optional[str] = ..., objectives: _Optional[_Iterable[_Union[ResolvedObjective, _Mapping]]] = ..., grad_modifiers: _Optional[_Iterable[str]] = ..., keepdims: _Optional[bool] = ..., normalize: _Optional[bool] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., input: _Optional[str] = ..., channels_reduced: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class ExplainResponse(_message.Message):
+    __slots__ = ("model", "outputs", "maps", "resolved")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    MAPS_FIELD_NUMBER: _ClassVar[int]
+    RESOLVED_FIELD_NUMBER: _ClassVar[int]
+    model: ModelSpec
+    outputs: _containers.RepeatedCompositeFieldContainer[Tensor]
+    maps: _containers.RepeatedCompositeFieldContainer[SaliencyMap]
+    resolved: ResolvedExplanation
+    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., maps: _Optional[_Iterable[_Union[SaliencyMap, _Mapping]]] = ..., resolved: _Optional[_Union[ResolvedExplanation, _Mapping]] = ...) -> None: ...
+
+class GetModelMetadataRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: ModelSpec
+    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ...) -> None: ...
+
+class TensorSpec(_message.Message):
+    __slots__ = ("name", "dtype", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: DataType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class LayerInfo(_message.Message):
+    __slots__ = ("name", "index", "kind", "output_shape", "activation")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    index: int
+    kind: str
+    output_shape: _containers.RepeatedScalarFieldContainer[int]
+    activation: str
+    def __init__(self, name: _Optional[str] = ..., index: _Optional[int] = ..., kind: _Optional[str] = ..., output_shape: _Optional[_Iterable[int]] = ..., activation: _Optional[str] = ...) -> None: ...
+
+class ModelMetadata(_message.Message):
+    __slots__ = ("name", "versions", "version", "inputs", "outputs", "layers", "methods", "grad_modifiers", "max_batch_size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_MODIFIERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    versions: _containers.RepeatedScalarFieldContainer[int]
+    version: int
+    inputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    outputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    layers: _containers.RepeatedCompositeFieldContainer[LayerInfo]
+    methods: _containers.RepeatedScalarFieldContainer[str]
+    grad_modifiers: _containers.RepeatedScalarFieldContainer[str]
+    max_batch_size: int
+    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[int]] = ..., version: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., methods: _Optional[_Iterable[str]] = ..., grad_modifiers: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelMetadata]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelMetadata, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,172 @@
+"""Protobuf ⇄ domain types for the servicer; tensors go through the shared codec."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from salience.v1 import salience_pb2 as pb
+from salience_client import tensors
+from salience_client.tensors import TensorError
+from salience_server.errors import InvalidArgument, Unimplemented, allowed
+from salience_server.explain.options import (
+    DEFAULT_GRAD_MODIFIER,
+    RESERVED_BACKPROP_MODIFIERS,
+    VANILLA,
+    ExplainOptions,
+    ExplainResult,
+    LayerSelector,
+    Objective,
+)
+from salience_server.runtime import ModelRuntime, TensorInfo
+
+
+def request_inputs(inputs: Sequence[pb.Tensor]) -> dict[str, np.ndarray]:
+    """Decodes request tensors keyed by name; checks byte lengths and duplicates."""
+    if not inputs:
+        raise InvalidArgument("inputs is empty: send one tensor per model input")
+    arrays: dict[str, np.ndarray] = {}
+    for k, tensor in enumerate(inputs):
+        if tensor.name in arrays:
+            raise InvalidArgument(f"inputs[{k}].name={tensor.name!r} is given twice")
+        try:
+            arrays[tensor.name] = tensors.decode(tensor, f"inputs[{k}]")
+        except TensorError as err:
+            raise InvalidArgument(str(err)) from None
+    return arrays
+
+
+def _layer(ref: pb.LayerRef) -> LayerSelector:
+    which = ref.WhichOneof("ref")
+    if which == "name":
+        return ref.name
+    if which == "index":
+        return ref.index
+    return None
+
+
+def explain_options(explanation: pb.Explanation) -> ExplainOptions:
+    """Fills in every default of an Explanation; model-specific checks come later."""
+    if explanation.backprop_modifier:
+        if explanation.backprop_modifier in RESERVED_BACKPROP_MODIFIERS:
+            raise Unimplemented(
+                f"explanation.backprop_modifier={explanation.backprop_modifier!r} is not "
+                "implemented yet: leave it empty"
+            )
+        raise InvalidArgument(
+            f"explanation.backprop_modifier={explanation.backprop_modifier!r} is unknown: "
+            f"use one of {allowed(RESERVED_BACKPROP_MODIFIERS)} (not implemented yet) or leave it "
+            "empty"
+        )
+    if explanation.HasField("wrt"):
+        raise Unimplemented(
+            "explanation.wrt (a gradient with respect to a layer) is not implemented yet: "
+            "leave it unset to explain the input"
+        )
+    output_dtype = explanation.output_dtype or pb.DATA_TYPE_FLOAT32
+    objectives = tuple(
+        Objective(
+            layer=_layer(o.layer),
+            filter_indices=tuple(int(i) for i in o.filter_indices),
+            weight=o.weight if o.HasField("weight") else 1.0,
+        )
+        for o in explanation.objectives
+    ) or (Objective(),)
+    return ExplainOptions(
+        method=explanation.method or VANILLA,
+        objectives=objectives,
+        grad_modifiers=tuple(explanation.grad_modifiers) or (DEFAULT_GRAD_MODIFIER,),
+        keepdims=explanation.keepdims,
+        normalize=explanation.normalize if explanation.HasField("normalize") else True,
+        keep_activation=explanation.keep_activation,
+        output_dtype=tensors.dtype_name(output_dtype),
+        input_name=explanation.input,
+        seed=explanation.seed if explanation.HasField("seed") else None,
+    )
+
+
+def model_spec(runtime: ModelRuntime) -> pb.ModelSpec:
+    return pb.ModelSpec(name=runtime.name, version=runtime.version)
+
+
+def output_tensors(runtime: ModelRuntime, outputs: Sequence[np.ndarray]) -> list[pb.Tensor]:
+    return [
+        tensors.encode(array, info.name)
+        for info, array in zip(runtime.outputs, outputs, strict=True)
+    ]
+
+
+def explain_response(runtime: ModelRuntime, result: ExplainResult) -> pb.ExplainResponse:
+    r = result.resolved
+    resolved = pb.ResolvedExplanation(
+        method=r.method,
+        objectives=[
+            pb.ResolvedObjective(
+                layer_name=o.layer_name,
+                layer_index=o.layer_index,
+                filter_indices=list(o.filter_indices),
+                weight=o.weight,
+                used_logits=o.used_logits,
+                reduction=o.reduction,
+            )
+            for o in r.objectives
+        ],
+        grad_modifiers=list(r.grad_modifiers),
+        keepdims=r.keepdims,
+        normalize=r.normalize,
+        output_dtype=tensors.DTYPES_BY_NAME[r.output_dtype],
+        input=r.input_name,
+        channels_reduced=r.channels_reduced,
+        seed=r.seed,
+    )
+    return pb.ExplainResponse(
+        model=model_spec(runtime),
+        outputs=output_tensors(runtime, result.outputs),
+        maps=[
+            pb.SaliencyMap(grad_modifier=name, map=tensors.encode(array))
+            for name, array in result.maps.items()
+        ],
+        resolved=resolved,
+    )
+
+
+def _tensor_spec(info: TensorInfo) -> pb.TensorSpec:
+    return pb.TensorSpec(
+        name=info.name,
+        dtype=tensors.wire_dtype(info.dtype),
+        shape=[-1 if d is None else d for d in info.shape],
+    )
+
+
+def model_metadata(
+    runtime: ModelRuntime,
+    versions: Sequence[int],
+    max_batch_size: int,
+    methods: Sequence[str],
+    grad_modifiers: Sequence[str],
+    with_layers: bool,
+) -> pb.ModelMetadata:
+    layers = []
+    if with_layers:
+        layers = [
+            pb.LayerInfo(
+                name=layer.name,
+                index=layer.index,
+                kind=layer.kind,
+                output_shape=[-1 if d is None else d for d in layer.output_shape or ()],
+                activation=layer.activation,
+            )
+            for layer in runtime.layers
+        ]
+    return pb.ModelMetadata(
+        name=runtime.name,
+        versions=list(versions),
+        version=runtime.version,
+        inputs=[_tensor_spec(i) for i in runtime.inputs],
+        outputs=[_tensor_spec(o) for o in runtime.outputs],
+        layers=layers,
+        methods=list(methods),
+        grad_modifiers=list(grad_modifiers),
+        max_batch_size=max_batch_size,
+    )

@@ -1,0 +1,330 @@
+"""One loaded model version: its Keras model, its specs and its compiled functions.
+
+Everything here is blocking TensorFlow work; the core runs it on worker threads,
+never on the event loop. Compiled functions are traced once per graph-changing key
+and reused across requests (the keras-vis per-call rebuild leaked memory and time).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from salience_server.errors import FailedPrecondition, InvalidArgument, Unimplemented, allowed
+from salience_server.explain import modifiers, vanilla
+from salience_server.explain.options import (
+    IMPLEMENTED_METHODS,
+    OUTPUT_DTYPES,
+    RESERVED_METHODS,
+    ExplainOptions,
+    ExplainResult,
+    ResolvedExplanation,
+)
+from salience_server.explain.targets import Target, TargetResolver, activation_name
+
+log = logging.getLogger(__name__)
+
+# Distinct target sets kept compiled per model; the least recently used is dropped
+# beyond this, so requests naming ever new layers cannot grow memory without bound.
+GRADIENT_CACHE_SIZE = 32
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A model input or output: name, numpy dtype name and shape (None = free)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | None, ...]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    name: str
+    index: int
+    kind: str
+    output_shape: tuple[int | None, ...] | None
+    activation: str
+
+
+def _tensor_info(tensor: Any, name: str) -> TensorInfo:
+    return TensorInfo(name=name, dtype=str(np.dtype(tensor.dtype)), shape=tuple(tensor.shape))
+
+
+def _producer_name(tensor: Any, fallback: str) -> str:
+    history = getattr(tensor, "_keras_history", None)
+    return history.operation.name if history is not None else fallback
+
+
+def _layer_info(index: int, layer: keras.layers.Layer) -> LayerInfo:
+    try:
+        out = layer.output
+        shape = None if isinstance(out, list | tuple | dict) else tuple(out.shape)
+    except (AttributeError, ValueError):
+        shape = None
+    return LayerInfo(
+        name=layer.name,
+        index=index,
+        kind=layer.__class__.__name__,
+        output_shape=shape,
+        activation=activation_name(layer),
+    )
+
+
+class ModelRuntime:
+    """A Keras model ready to predict and explain."""
+
+    def __init__(self, name: str, version: int, model: keras.Model, path: Path | None = None):
+        self.name = name
+        self.version = version
+        self.path = path
+        self.model = model
+        if not getattr(model, "inputs", None):
+            raise FailedPrecondition(
+                f"model {name!r} version {version} has no functional graph (subclassed models "
+                "are not supported): save it as a Functional or Sequential model"
+            )
+        self.inputs = tuple(
+            _tensor_info(t, getattr(t, "name", "") or f"input_{i}")
+            for i, t in enumerate(model.inputs)
+        )
+        self.outputs = tuple(
+            _tensor_info(t, _producer_name(t, f"output_{i}")) for i, t in enumerate(model.outputs)
+        )
+        self.layers = tuple(_layer_info(i, layer) for i, layer in enumerate(model.layers))
+        self._input_specs = tuple(
+            tf.TensorSpec([None, *info.shape[1:]], info.dtype, name=f"input_{i}")
+            for i, info in enumerate(self.inputs)
+        )
+        self._predict = tf.function(self._forward, input_signature=[self._input_specs])
+        self._resolver = TargetResolver(model)
+        self._gradients: OrderedDict[tuple[Any, ...], vanilla.GradientFunction] = OrderedDict()
+        self._lock = threading.Lock()
+        self.traces = 0  # how many gradient functions have been traced (for tests)
+
+    @classmethod
+    def load(cls, name: str, version: int, path: Path) -> ModelRuntime:
+        """Loads `model.keras` in safe mode: a model file can never run arbitrary code."""
+        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+        return cls(name, version, model, path)
+
+    def _forward(self, inputs: tuple[tf.Tensor, ...]) -> tuple[tf.Tensor, ...]:
+        out = self.model(list(inputs) if len(inputs) > 1 else inputs[0], training=False)
+        return tuple(out) if isinstance(out, list | tuple) else (out,)
+
+    # Inputs -----------------------------------------------------------------
+
+    def check_inputs(self, arrays: dict[str, np.ndarray], max_batch: int) -> list[np.ndarray]:
+        """Orders request inputs by the model's inputs and checks each against its spec.
+
+        Keys are input names; a single unnamed ("") input is accepted for a model
+        with one input. Raises InvalidArgument naming the field and what is allowed.
+        """
+        names = [info.name for info in self.inputs]
+        if len(self.inputs) == 1 and set(arrays) == {""}:
+            arrays = {names[0]: arrays[""]}
+        unknown = sorted(set(arrays) - set(names))
+        if unknown:
+            raise InvalidArgument(
+                f"inputs name {allowed(unknown)} not an input of model {self.name!r}: "
+                f"its inputs are {allowed(names)}"
+            )
+        missing = [n for n in names if n not in arrays]
+        if missing:
+            raise InvalidArgument(
+                f"inputs lack {allowed(missing)}: model {self.name!r} takes {allowed(names)}"
+            )
+        ordered = []
+        batch = None
+        for info in self.inputs:
+            array = arrays[info.name]
+            field = f"inputs[{info.name!r}]"
+            expected = ["N", *(d if d is not None else "any" for d in info.shape[1:])]
+            if array.dtype != np.dtype(info.dtype):
+                raise InvalidArgument(
+                    f"{field}.dtype={array.dtype} is not accepted: input {info.name!r} of model "
+                    f"{self.name!r} takes {info.dtype}"
+                )
+            if array.ndim != len(info.shape):
+                raise InvalidArgument(
+                    f"{field}.shape={list(array.shape)} has rank {array.ndim}: input "
+                    f"{info.name!r} takes rank {len(info.shape)} (batch first), shape {expected}"
+                )
+            for axis, (got, want) in enumerate(zip(array.shape[1:], info.shape[1:], strict=True)):
+                if want is not None and got != want:
+                    raise InvalidArgument(
+                        f"{field}.shape[{axis + 1}]={got} does not match: input {info.name!r} "
+                        f"takes shape {expected}"
+                    )
+            if array.shape[0] == 0:
+                raise InvalidArgument(f"{field} is an empty batch: send at least one sample")
+            if array.shape[0] > max_batch:
+                raise InvalidArgument(
+                    f"{field} has a batch of {array.shape[0]}, over the server's "
+                    f"max_batch_size={max_batch}: split it into smaller requests"
+                )
+            if batch is not None and array.shape[0] != batch:
+                raise InvalidArgument(
+                    f"{field} has batch {array.shape[0]} but an earlier input has {batch}: "
+                    "every input needs the same batch size"
+                )
+            batch = array.shape[0]
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                bad = int(np.argwhere(~np.isfinite(array.reshape(array.shape[0], -1)))[0][0])
+                raise InvalidArgument(
+                    f"{field} holds NaN or infinite values (first in sample {bad}): "
+                    "only finite values are accepted"
+                )
+            ordered.append(array)
+        return ordered
+
+    # Predict ----------------------------------------------------------------
+
+    def predict(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The model's outputs for checked inputs."""
+        outputs = self._predict(tuple(tf.convert_to_tensor(x) for x in inputs))
+        return [o.numpy() for o in outputs]
+
+    # Explain ----------------------------------------------------------------
+
+    def check_options(self, options: ExplainOptions, max_objectives: int) -> None:
+        """Rejects options no model could honour, before any work is queued."""
+        if options.method not in IMPLEMENTED_METHODS:
+            if options.method in RESERVED_METHODS:
+                raise Unimplemented(
+                    f"explanation.method={options.method!r} is not implemented yet: "
+                    f"use one of {allowed(IMPLEMENTED_METHODS)}"
+                )
+            raise InvalidArgument(
+                f"explanation.method={options.method!r} is unknown: "
+                f"use one of {allowed(IMPLEMENTED_METHODS + RESERVED_METHODS)}"
+            )
+        seen: set[str] = set()
+        for k, name in enumerate(options.grad_modifiers):
+            if name not in modifiers.GRAD_MODIFIERS:
+                raise InvalidArgument(
+                    f"explanation.grad_modifiers[{k}]={name!r} is unknown: "
+                    f"use one of {allowed(modifiers.GRAD_MODIFIERS)}"
+                )
+            if name in seen:
+                raise InvalidArgument(
+                    f"explanation.grad_modifiers[{k}]={name!r} is listed twice: list each once"
+                )
+            seen.add(name)
+        if options.output_dtype not in OUTPUT_DTYPES:
+            raise InvalidArgument(
+                f"explanation.output_dtype={options.output_dtype} is not supported for maps: "
+                f"use one of {allowed(OUTPUT_DTYPES)}"
+            )
+        if options.output_dtype == "uint8" and not options.normalize:
+            raise InvalidArgument(
+                "explanation.output_dtype=uint8 needs normalize=true: raw gradients do not fit "
+                "in 0..255; use float32 or float16 for raw maps"
+            )
+        if len(options.objectives) > max_objectives:
+            raise InvalidArgument(
+                f"explanation.objectives has {len(options.objectives)} entries, over the "
+                f"server's max_objectives={max_objectives}"
+            )
+        for k, objective in enumerate(options.objectives):
+            if not np.isfinite(objective.weight):
+                raise InvalidArgument(
+                    f"explanation.objectives[{k}].weight={objective.weight} is not finite"
+                )
+        names = [info.name for info in self.inputs]
+        if options.input_name and options.input_name not in names:
+            raise InvalidArgument(
+                f"explanation.input={options.input_name!r} is not an input of model "
+                f"{self.name!r}: choose one of {allowed(names)}"
+            )
+        if len(names) > 1 and not options.input_name:
+            raise InvalidArgument(
+                f"explanation.input is required: model {self.name!r} has inputs {allowed(names)}"
+            )
+
+    def explain(self, inputs: Sequence[np.ndarray], options: ExplainOptions) -> ExplainResult:
+        """Predictions and one map per grad modifier for checked inputs and options."""
+        names = [info.name for info in self.inputs]
+        input_index = names.index(options.input_name) if options.input_name else 0
+        if np.dtype(self.inputs[input_index].dtype).kind != "f":
+            raise FailedPrecondition(
+                f"input {names[input_index]!r} has dtype {self.inputs[input_index].dtype}: "
+                "gradients need a floating-point input"
+            )
+        with self._lock:
+            targets, weights, resolved_objectives = self._resolver.resolve(
+                options.objectives, options.keep_activation
+            )
+            gradient_fn = self._gradient_function(targets, input_index)
+        outputs, grads = gradient_fn(
+            tuple(tf.convert_to_tensor(x) for x in inputs),
+            tuple(tf.convert_to_tensor(w) for w in weights),
+        )
+        reduce_channels = not options.keepdims and len(grads.shape) >= 3
+        finish = modifiers.map_function(
+            options.grad_modifiers,
+            reduce_channels,
+            options.normalize,
+            options.output_dtype,
+            len(grads.shape),
+        )
+        maps = finish(grads)
+        resolved = ResolvedExplanation(
+            method=options.method,
+            objectives=resolved_objectives,
+            grad_modifiers=options.grad_modifiers,
+            keepdims=options.keepdims,
+            normalize=options.normalize,
+            output_dtype=options.output_dtype,
+            input_name=names[input_index],
+            channels_reduced=reduce_channels,
+            seed=options.seed,
+        )
+        return ExplainResult(
+            outputs=[o.numpy() for o in outputs],
+            maps={m: t.numpy() for m, t in zip(options.grad_modifiers, maps, strict=True)},
+            resolved=resolved,
+        )
+
+    def _gradient_function(
+        self, targets: tuple[Target, ...], input_index: int
+    ) -> vanilla.GradientFunction:
+        key = (targets, input_index)
+        fn = self._gradients.get(key)
+        if fn is not None:
+            self._gradients.move_to_end(key)
+            return fn
+        tensors = [self._resolver.tensor(t) for t in targets]
+        explain_model = keras.Model(
+            self.model.inputs, [*tensors, *self.model.outputs], name=f"{self.name}_explain"
+        )
+        weight_specs = [tf.TensorSpec([int(t.shape[-1])], tf.float32) for t in tensors]
+        fn = vanilla.build_gradient_function(
+            explain_model, self._input_specs, weight_specs, input_index, self._count_trace
+        )
+        self._gradients[key] = fn
+        if len(self._gradients) > GRADIENT_CACHE_SIZE:
+            self._gradients.popitem(last=False)
+        return fn
+
+    def _count_trace(self) -> None:
+        self.traces += 1
+
+    def warm_up(self) -> None:
+        """Traces predict and the default explanation, so the first request is not slow."""
+        sample = [
+            np.zeros([1, *(d or 1 for d in info.shape[1:])], dtype=info.dtype)
+            for info in self.inputs
+        ]
+        self.predict(sample)
+        if len(self.inputs) == 1 and np.dtype(self.inputs[0].dtype).kind == "f":
+            self.explain(sample, ExplainOptions())

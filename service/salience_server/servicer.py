@@ -1,0 +1,67 @@
+"""The `salience.v1.Salience` servicer: decode, await the core, encode. Nothing else.
+
+Errors raised anywhere below are ServiceErrors; the interceptor in `errors` turns
+them into statuses, so no method handles them itself.
+"""
+
+from __future__ import annotations
+
+from grpc import aio
+
+from salience.v1 import salience_pb2 as pb
+from salience.v1 import salience_pb2_grpc
+from salience_server import convert
+from salience_server.core import InferenceCore
+from salience_server.explain.modifiers import GRAD_MODIFIERS
+from salience_server.explain.options import IMPLEMENTED_METHODS
+
+
+class SalienceServicer(salience_pb2_grpc.SalienceServicer):
+    def __init__(self, core: InferenceCore) -> None:
+        self.core = core
+
+    async def Predict(
+        self, request: pb.PredictRequest, context: aio.ServicerContext
+    ) -> pb.PredictResponse:
+        arrays = convert.request_inputs(request.inputs)
+        runtime, outputs = await self.core.predict(
+            request.model.name, request.model.version, arrays
+        )
+        return pb.PredictResponse(
+            model=convert.model_spec(runtime), outputs=convert.output_tensors(runtime, outputs)
+        )
+
+    async def Explain(
+        self, request: pb.ExplainRequest, context: aio.ServicerContext
+    ) -> pb.ExplainResponse:
+        arrays = convert.request_inputs(request.inputs)
+        options = convert.explain_options(request.explanation)
+        runtime, result = await self.core.explain(
+            request.model.name, request.model.version, arrays, options
+        )
+        return convert.explain_response(runtime, result)
+
+    def _metadata(self, name: str, version: int, with_layers: bool) -> pb.ModelMetadata:
+        repository = self.core.repository
+        runtime = repository.get(name, version)
+        return convert.model_metadata(
+            runtime,
+            repository.versions(name),
+            self.core.settings.max_batch_size,
+            IMPLEMENTED_METHODS,
+            tuple(GRAD_MODIFIERS),
+            with_layers,
+        )
+
+    async def GetModelMetadata(
+        self, request: pb.GetModelMetadataRequest, context: aio.ServicerContext
+    ) -> pb.ModelMetadata:
+        return self._metadata(request.model.name, request.model.version, with_layers=True)
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        names = self.core.repository.names()
+        return pb.ListModelsResponse(
+            models=[self._metadata(name, 0, with_layers=False) for name in names]
+        )

@@ -1,0 +1,90 @@
+"""Shared fixtures: a real salience server on 127.0.0.1:0 and tiny Keras models.
+
+The server runs its asyncio loop on a thread of its own, so tests call it with the
+ordinary blocking client exactly as a user would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@dataclass
+class RunningServer:
+    """A server started by `running_server`; `target` is what clients dial."""
+
+    server: Any
+    loop: asyncio.AbstractEventLoop
+    port: int
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def client(self, **kwargs: Any) -> Any:
+        from salience_client import SalienceClient
+
+        return SalienceClient(self.target, **kwargs)
+
+    def call(self, coro: Any, timeout: float = 60) -> Any:
+        """Runs a coroutine on the server's loop (to reach its internals) and waits."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+@contextmanager
+def running_server(repository: Path | None, **settings: Any) -> Iterator[RunningServer]:
+    """Starts a real server on a free port in a background thread; stops it after."""
+    from prometheus_client import CollectorRegistry
+
+    from salience_server.app import SalienceServer
+    from salience_server.settings import Settings
+
+    values = {"host": "127.0.0.1", "port": 0, "metrics_port": -1, **settings}
+    if repository is not None:
+        values["model_repository"] = repository
+    server = SalienceServer(Settings(**values), registry=CollectorRegistry())
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="test-server-loop", daemon=True)
+    thread.start()
+    port = asyncio.run_coroutine_threadsafe(server.start(), loop).result(300)
+    try:
+        yield RunningServer(server, loop, port)
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(grace=1.0), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def save_model(root: Path, name: str, model: Any, version: int = 1) -> Path:
+    """Saves a Keras model into the repository layout; returns the repository root."""
+    target = root / name / str(version)
+    target.mkdir(parents=True, exist_ok=True)
+    model.save(target / "model.keras")
+    return root
+
+
+@pytest.fixture(scope="session")
+def server_factory() -> Iterator[Callable[..., RunningServer]]:
+    """Starts servers that live until the end of the session (one per call)."""
+    stack: list[Any] = []
+
+    def start(repository: Path | None, **settings: Any) -> RunningServer:
+        context = running_server(repository, **settings)
+        stack.append(context)
+        return context.__enter__()
+
+    yield start
+    for context in reversed(stack):
+        context.__exit__(None, None, None)
