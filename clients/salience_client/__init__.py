@@ -1,5 +1,6 @@
 """The salience client: a synchronous gRPC client (numpy in, numpy out), overlay
-rendering, and the `salience` command line. It never imports TensorFlow."""
+rendering, and the `salience` command line. It never imports TensorFlow.
+"""
 
 from salience_client.client import (
     Explanation,

@@ -81,9 +81,10 @@ class SalienceServer:
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
         address = f"{self.settings.host}:{self.settings.port}"
-        self.port = server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"cannot bind {address}")
+        try:
+            self.port = server.add_insecure_port(address)
+        except RuntimeError as err:  # grpcio reports a failed bind as a bare RuntimeError
+            raise OSError(f"cannot listen on {address}: {err}") from None
         await server.start()
         self._server = server
         for service in ("", SERVICE_NAME):

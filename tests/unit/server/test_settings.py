@@ -54,3 +54,11 @@ def test_bad_values_stop_start_up_with_a_message(
 ) -> None:
     with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):
         parse(argv, env)
+
+
+def test_readme_documents_every_setting() -> None:
+    import dataclasses
+
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    for f in dataclasses.fields(Settings):
+        assert f"`--{f.name.replace('_', '-')}` (`SALIENCE_{f.name.upper()}`)" in readme, f.name
