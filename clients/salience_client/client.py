@@ -75,11 +75,19 @@ class Explanation:
     maps: dict[str, np.ndarray]
     model_version: int
     resolved: pb.ResolvedExplanation = field(repr=False)
+    # Integrated Gradients only, per sample: sum(attributions) - (s(x) - s(x')),
+    # and s(x) - s(x'). None for the other methods.
+    completeness_residual: np.ndarray | None = None
+    score_difference: np.ndarray | None = None
 
     @property
     def predictions(self) -> np.ndarray:
         """The first (usually only) model output."""
         return next(iter(self.outputs.values()))
+
+
+def _layer_ref(layer: str | int) -> pb.LayerRef:
+    return pb.LayerRef(name=layer) if isinstance(layer, str) else pb.LayerRef(index=int(layer))
 
 
 def _input_tensors(inputs: Inputs) -> list[pb.Tensor]:
@@ -110,8 +118,21 @@ def explanation_request(
     output_dtype: str = "float32",
     input_name: str = "",
     seed: int | None = None,
+    backprop_modifier: str = "",
+    wrt: str | int | None = None,
+    output: str = "",
+    penultimate_layer: str | int | None = None,
+    samples: int = 0,
+    noise: float | None = None,
+    steps: int = 0,
+    baseline: np.ndarray | None = None,
 ) -> pb.ExplainRequest:
-    """Builds an ExplainRequest; `layer`/`filter_indices` is shorthand for one objective."""
+    """Builds an ExplainRequest; `layer`/`filter_indices` is shorthand for one objective.
+
+    Unset options take the server's documented defaults (see the README's option
+    table): `samples`/`noise` are SmoothGrad's, `steps`/`baseline` Integrated
+    Gradients', `penultimate_layer` the CAM methods'.
+    """
     if objectives and (layer is not None or filter_indices):
         raise ValueError("give either objectives or layer/filter_indices, not both")
     if output_dtype not in tensors.DTYPES_BY_NAME:
@@ -128,9 +149,21 @@ def explanation_request(
         keep_activation=keep_activation,
         output_dtype=tensors.DTYPES_BY_NAME[output_dtype],
         input=input_name,
+        backprop_modifier=backprop_modifier,
+        output=output,
+        samples=samples,
+        steps=steps,
     )
     if seed is not None:
         explanation.seed = seed
+    if noise is not None:
+        explanation.noise = noise
+    if wrt is not None:
+        explanation.wrt.CopyFrom(_layer_ref(wrt))
+    if penultimate_layer is not None:
+        explanation.penultimate_layer.CopyFrom(_layer_ref(penultimate_layer))
+    if baseline is not None:
+        explanation.baseline.CopyFrom(tensors.encode(np.asarray(baseline)))
     return pb.ExplainRequest(
         model=pb.ModelSpec(name=model, version=version),
         inputs=_input_tensors(inputs),
@@ -147,6 +180,12 @@ def explanation_result(response: pb.ExplainResponse) -> Explanation:
         },
         model_version=response.model.version,
         resolved=response.resolved,
+        completeness_residual=tensors.decode(response.completeness_residual, "residual")
+        if response.HasField("completeness_residual")
+        else None,
+        score_difference=tensors.decode(response.score_difference, "score_difference")
+        if response.HasField("score_difference")
+        else None,
     )
 
 

@@ -9,14 +9,13 @@ import numpy as np
 from salience.v1 import salience_pb2 as pb
 from salience_client import tensors
 from salience_client.tensors import TensorError
-from salience_server.errors import InvalidArgument, Unimplemented, allowed
+from salience_server.errors import InvalidArgument
 from salience_server.explain.options import (
-    DEFAULT_GRAD_MODIFIER,
-    RESERVED_BACKPROP_MODIFIERS,
     VANILLA,
     ExplainOptions,
     ExplainResult,
     LayerSelector,
+    Limits,
     Objective,
 )
 from salience_server.runtime import ModelRuntime, TensorInfo
@@ -48,22 +47,6 @@ def _layer(ref: pb.LayerRef) -> LayerSelector:
 
 def explain_options(explanation: pb.Explanation) -> ExplainOptions:
     """Fills in every default of an Explanation; model-specific checks come later."""
-    if explanation.backprop_modifier:
-        if explanation.backprop_modifier in RESERVED_BACKPROP_MODIFIERS:
-            raise Unimplemented(
-                f"explanation.backprop_modifier={explanation.backprop_modifier!r} is not "
-                "implemented yet: leave it empty"
-            )
-        raise InvalidArgument(
-            f"explanation.backprop_modifier={explanation.backprop_modifier!r} is unknown: "
-            f"use one of {allowed(RESERVED_BACKPROP_MODIFIERS)} (not implemented yet) or leave it "
-            "empty"
-        )
-    if explanation.HasField("wrt"):
-        raise Unimplemented(
-            "explanation.wrt (a gradient with respect to a layer) is not implemented yet: "
-            "leave it unset to explain the input"
-        )
     output_dtype = explanation.output_dtype or pb.DATA_TYPE_FLOAT32
     objectives = tuple(
         Objective(
@@ -73,16 +56,38 @@ def explain_options(explanation: pb.Explanation) -> ExplainOptions:
         )
         for o in explanation.objectives
     ) or (Objective(),)
+    baseline = None
+    if explanation.HasField("baseline"):
+        try:
+            baseline = tensors.decode(explanation.baseline, "explanation.baseline")
+        except TensorError as err:
+            raise InvalidArgument(str(err)) from None
+    noise = explanation.noise if explanation.HasField("noise") else None
+    if noise is not None and not (np.isfinite(noise) and noise >= 0):
+        raise InvalidArgument(
+            f"explanation.noise={noise} is not allowed: use a finite value >= 0 (a fraction "
+            "of each sample's value range; unset means the default)"
+        )
     return ExplainOptions(
         method=explanation.method or VANILLA,
         objectives=objectives,
-        grad_modifiers=tuple(explanation.grad_modifiers) or (DEFAULT_GRAD_MODIFIER,),
+        grad_modifiers=tuple(explanation.grad_modifiers),
         keepdims=explanation.keepdims,
         normalize=explanation.normalize if explanation.HasField("normalize") else True,
         keep_activation=explanation.keep_activation,
         output_dtype=tensors.dtype_name(output_dtype),
         input_name=explanation.input,
         seed=explanation.seed if explanation.HasField("seed") else None,
+        backprop_modifier=explanation.backprop_modifier,
+        wrt=_layer(explanation.wrt) if explanation.HasField("wrt") else None,
+        output_name=explanation.output,
+        penultimate_layer=_layer(explanation.penultimate_layer)
+        if explanation.HasField("penultimate_layer")
+        else None,
+        samples=explanation.samples,
+        noise=noise,
+        steps=explanation.steps,
+        baseline=baseline,
     )
 
 
@@ -119,7 +124,18 @@ def explain_response(runtime: ModelRuntime, result: ExplainResult) -> pb.Explain
         input=r.input_name,
         channels_reduced=r.channels_reduced,
         seed=r.seed,
+        backprop_modifier=r.backprop_modifier,
+        wrt=r.wrt,
+        penultimate_layer=r.penultimate_layer,
+        samples=r.samples,
+        noise=r.noise,
+        steps=r.steps,
+        output=r.output_name,
     )
+    extras = {
+        name: tensors.encode(np.asarray(value, dtype=np.float32), name)
+        for name, value in result.extras.items()
+    }
     return pb.ExplainResponse(
         model=model_spec(runtime),
         outputs=output_tensors(runtime, result.outputs),
@@ -128,6 +144,7 @@ def explain_response(runtime: ModelRuntime, result: ExplainResult) -> pb.Explain
             for name, array in result.maps.items()
         ],
         resolved=resolved,
+        **extras,
     )
 
 
@@ -145,6 +162,8 @@ def model_metadata(
     max_batch_size: int,
     methods: Sequence[str],
     grad_modifiers: Sequence[str],
+    backprop_modifiers: Sequence[str],
+    limits: Limits,
     with_layers: bool,
 ) -> pb.ModelMetadata:
     layers = []
@@ -169,4 +188,7 @@ def model_metadata(
         methods=list(methods),
         grad_modifiers=list(grad_modifiers),
         max_batch_size=max_batch_size,
+        backprop_modifiers=list(backprop_modifiers),
+        max_samples=limits.max_samples,
+        max_steps=limits.max_steps,
     )

@@ -65,7 +65,7 @@ class InferenceCore:
     ) -> tuple[ModelRuntime, ExplainResult]:
         """Predictions and maps for a batch of inputs keyed by input name."""
         runtime = self.repository.get(name, version)
-        runtime.check_options(options, self.settings.max_objectives)
+        runtime.check_options(options, self.settings.limits)
 
         def work() -> ExplainResult:
             inputs = runtime.check_inputs(arrays, self.settings.max_batch_size)

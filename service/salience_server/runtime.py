@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,23 +19,32 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from salience_server.errors import FailedPrecondition, InvalidArgument, Unimplemented, allowed
-from salience_server.explain import modifiers, vanilla
+from salience_server.errors import FailedPrecondition, InvalidArgument, allowed
+from salience_server.explain import modifiers
+from salience_server.explain.engine import (
+    DeviceFunction,
+    Graph,
+    Plan,
+    RawTensors,
+    Tensors,
+    param_specs,
+)
+from salience_server.explain.methods import METHODS
 from salience_server.explain.options import (
-    IMPLEMENTED_METHODS,
+    DEFAULT_SAMPLES,
+    DEFAULT_STEPS,
     OUTPUT_DTYPES,
-    RESERVED_METHODS,
     ExplainOptions,
     ExplainResult,
-    ResolvedExplanation,
+    Limits,
 )
-from salience_server.explain.targets import Target, TargetResolver, activation_name
+from salience_server.explain.targets import TargetResolver, activation_name
 
 log = logging.getLogger(__name__)
 
-# Distinct target sets kept compiled per model; the least recently used is dropped
+# Distinct graphs kept compiled per model; the least recently used is dropped
 # beyond this, so requests naming ever new layers cannot grow memory without bound.
-GRADIENT_CACHE_SIZE = 32
+FUNCTION_CACHE_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -101,14 +110,16 @@ class ModelRuntime:
             _tensor_info(t, _producer_name(t, f"output_{i}")) for i, t in enumerate(model.outputs)
         )
         self.layers = tuple(_layer_info(i, layer) for i, layer in enumerate(model.layers))
-        self._input_specs = tuple(
+        self.input_specs = tuple(
             tf.TensorSpec([None, *info.shape[1:]], info.dtype, name=f"input_{i}")
             for i, info in enumerate(self.inputs)
         )
-        self._predict = tf.function(self._forward, input_signature=[self._input_specs])
-        self._resolver = TargetResolver(model)
-        self._gradients: OrderedDict[tuple[Any, ...], vanilla.GradientFunction] = OrderedDict()
-        self._lock = threading.Lock()
+        self._predict = tf.function(self._forward, input_signature=[self.input_specs])
+        self.resolver = TargetResolver(model)
+        self._functions: OrderedDict[Graph, DeviceFunction] = OrderedDict()
+        # Guards the resolver and the function cache; RLock because methods build
+        # derived models (linear twins, modified copies) while planning.
+        self._lock = threading.RLock()
         self.traces = 0  # how many gradient functions have been traced (for tests)
 
     @classmethod
@@ -196,17 +207,11 @@ class ModelRuntime:
 
     # Explain ----------------------------------------------------------------
 
-    def check_options(self, options: ExplainOptions, max_objectives: int) -> None:
+    def check_options(self, options: ExplainOptions, limits: Limits) -> None:
         """Rejects options no model could honour, before any work is queued."""
-        if options.method not in IMPLEMENTED_METHODS:
-            if options.method in RESERVED_METHODS:
-                raise Unimplemented(
-                    f"explanation.method={options.method!r} is not implemented yet: "
-                    f"use one of {allowed(IMPLEMENTED_METHODS)}"
-                )
+        if options.method not in METHODS:
             raise InvalidArgument(
-                f"explanation.method={options.method!r} is unknown: "
-                f"use one of {allowed(IMPLEMENTED_METHODS + RESERVED_METHODS)}"
+                f"explanation.method={options.method!r} is unknown: use one of {allowed(METHODS)}"
             )
         seen: set[str] = set()
         for k, name in enumerate(options.grad_modifiers):
@@ -230,16 +235,28 @@ class ModelRuntime:
                 "explanation.output_dtype=uint8 needs normalize=true: raw gradients do not fit "
                 "in 0..255; use float32 or float16 for raw maps"
             )
-        if len(options.objectives) > max_objectives:
+        if len(options.objectives) > limits.max_objectives:
             raise InvalidArgument(
                 f"explanation.objectives has {len(options.objectives)} entries, over the "
-                f"server's max_objectives={max_objectives}"
+                f"server's max_objectives={limits.max_objectives}"
             )
         for k, objective in enumerate(options.objectives):
             if not np.isfinite(objective.weight):
                 raise InvalidArgument(
                     f"explanation.objectives[{k}].weight={objective.weight} is not finite"
                 )
+        if options.samples > limits.max_samples:
+            raise InvalidArgument(
+                f"explanation.samples={options.samples} is over the server's "
+                f"max_samples={limits.max_samples}: use 1..{limits.max_samples} (0 for the "
+                f"default, {DEFAULT_SAMPLES})"
+            )
+        if options.steps > limits.max_steps:
+            raise InvalidArgument(
+                f"explanation.steps={options.steps} is over the server's "
+                f"max_steps={limits.max_steps}: use 1..{limits.max_steps} (0 for the "
+                f"default, {DEFAULT_STEPS})"
+            )
         names = [info.name for info in self.inputs]
         if options.input_name and options.input_name not in names:
             raise InvalidArgument(
@@ -251,72 +268,60 @@ class ModelRuntime:
                 f"explanation.input is required: model {self.name!r} has inputs {allowed(names)}"
             )
 
-    def explain(self, inputs: Sequence[np.ndarray], options: ExplainOptions) -> ExplainResult:
-        """Predictions and one map per grad modifier for checked inputs and options."""
-        names = [info.name for info in self.inputs]
-        input_index = names.index(options.input_name) if options.input_name else 0
-        if np.dtype(self.inputs[input_index].dtype).kind != "f":
-            raise FailedPrecondition(
-                f"input {names[input_index]!r} has dtype {self.inputs[input_index].dtype}: "
-                "gradients need a floating-point input"
-            )
+    def plan(self, options: ExplainOptions, batch: int) -> Plan:
+        """Resolves checked options for a request of `batch` samples (engine step 1)."""
+        method = METHODS[options.method]
         with self._lock:
-            targets, weights, resolved_objectives = self._resolver.resolve(
-                options.objectives, options.keep_activation
-            )
-            gradient_fn = self._gradient_function(targets, input_index)
-        outputs, grads = gradient_fn(
+            return method.plan(self, options, batch)
+
+    def compute(
+        self, graph: Graph, inputs: Sequence[np.ndarray], params: Mapping[str, np.ndarray]
+    ) -> tuple[Tensors, RawTensors]:
+        """One device call of one graph on a (possibly merged) batch (engine step 2)."""
+        fn = self._device_function(graph, params)
+        return fn(
             tuple(tf.convert_to_tensor(x) for x in inputs),
-            tuple(tf.convert_to_tensor(w) for w in weights),
+            {key: tf.convert_to_tensor(value) for key, value in params.items()},
         )
-        reduce_channels = not options.keepdims and len(grads.shape) >= 3
-        finish = modifiers.map_function(
-            options.grad_modifiers,
-            reduce_channels,
-            options.normalize,
-            options.output_dtype,
-            len(grads.shape),
-        )
-        maps = finish(grads)
-        resolved = ResolvedExplanation(
-            method=options.method,
-            objectives=resolved_objectives,
-            grad_modifiers=options.grad_modifiers,
-            keepdims=options.keepdims,
-            normalize=options.normalize,
-            output_dtype=options.output_dtype,
-            input_name=names[input_index],
-            channels_reduced=reduce_channels,
-            seed=options.seed,
-        )
+
+    def finish(self, plan: Plan, outputs: Sequence[tf.Tensor], raw: RawTensors) -> ExplainResult:
+        """A request's result from its own rows of a device call (engine step 3)."""
+        maps, extras = METHODS[plan.graph.method].finish(plan, raw)
         return ExplainResult(
-            outputs=[o.numpy() for o in outputs],
-            maps={m: t.numpy() for m, t in zip(options.grad_modifiers, maps, strict=True)},
-            resolved=resolved,
+            outputs=[np.asarray(o) for o in outputs],
+            maps={name: m.numpy() for name, m in maps.items()},
+            resolved=plan.resolved,
+            extras={name: e.numpy() for name, e in extras.items()},
         )
 
-    def _gradient_function(
-        self, targets: tuple[Target, ...], input_index: int
-    ) -> vanilla.GradientFunction:
-        key = (targets, input_index)
-        fn = self._gradients.get(key)
-        if fn is not None:
-            self._gradients.move_to_end(key)
+    def explain(self, inputs: Sequence[np.ndarray], options: ExplainOptions) -> ExplainResult:
+        """Predictions and one map per grad modifier, for one request computed alone."""
+        plan = self.plan(options, len(inputs[0]))
+        outputs, raw = self.compute(plan.graph, inputs, plan.params)
+        return self.finish(plan, outputs, raw)
+
+    def _device_function(self, graph: Graph, params: Mapping[str, np.ndarray]) -> DeviceFunction:
+        with self._lock:
+            fn = self._functions.get(graph)
+            if fn is not None:
+                self._functions.move_to_end(graph)
+                return fn
+            fn = METHODS[graph.method].build(self, graph, param_specs(params))
+            self._functions[graph] = fn
+            if len(self._functions) > FUNCTION_CACHE_SIZE:
+                self._functions.popitem(last=False)
             return fn
-        tensors = [self._resolver.tensor(t) for t in targets]
-        explain_model = keras.Model(
-            self.model.inputs, [*tensors, *self.model.outputs], name=f"{self.name}_explain"
-        )
-        weight_specs = [tf.TensorSpec([int(t.shape[-1])], tf.float32) for t in tensors]
-        fn = vanilla.build_gradient_function(
-            explain_model, self._input_specs, weight_specs, input_index, self._count_trace
-        )
-        self._gradients[key] = fn
-        if len(self._gradients) > GRADIENT_CACHE_SIZE:
-            self._gradients.popitem(last=False)
-        return fn
 
-    def _count_trace(self) -> None:
+    def supported_methods(self) -> tuple[str, ...]:
+        """The methods this model can be explained with."""
+        return tuple(name for name, method in METHODS.items() if method.supported(self) is None)
+
+    def backprop_modifiers(self) -> tuple[str, ...]:
+        """The backprop modifiers this model can be explained with."""
+        return ()
+
+    def count_trace(self) -> None:
+        """Called by device functions while they are traced (tests count retraces)."""
         self.traces += 1
 
     def warm_up(self) -> None:

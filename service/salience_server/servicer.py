@@ -13,7 +13,6 @@ from salience.v1 import salience_pb2_grpc
 from salience_server import convert
 from salience_server.core import InferenceCore
 from salience_server.explain.modifiers import GRAD_MODIFIERS
-from salience_server.explain.options import IMPLEMENTED_METHODS
 
 
 class SalienceServicer(salience_pb2_grpc.SalienceServicer):
@@ -48,8 +47,10 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
             runtime,
             repository.versions(name),
             self.core.settings.max_batch_size,
-            IMPLEMENTED_METHODS,
+            runtime.supported_methods(),
             tuple(GRAD_MODIFIERS),
+            runtime.backprop_modifiers(),
+            self.core.settings.limits,
             with_layers,
         )
 

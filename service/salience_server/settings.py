@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from salience_server.explain.options import Limits
+
 ENV_PREFIX = "SALIENCE_"
 MIB = 1024 * 1024
 
@@ -59,6 +61,13 @@ class Settings:
     max_objectives: int = field(
         default=16, metadata=_doc("Most objectives one explanation may sum")
     )
+    max_samples: int = field(
+        default=128, metadata=_doc("Most SmoothGrad noisy copies one explanation may ask for")
+    )
+    max_steps: int = field(
+        default=512,
+        metadata=_doc("Most Integrated Gradients steps one explanation may ask for"),
+    )
     worker_threads: int = field(
         default=2,
         metadata=_doc("Threads that run TensorFlow off the event loop"),
@@ -70,6 +79,15 @@ class Settings:
     log_level: str = field(
         default="INFO", metadata=_doc("Logging level: DEBUG, INFO, WARNING or ERROR")
     )
+
+    @property
+    def limits(self) -> Limits:
+        """The per-request caps explanation options are checked against."""
+        return Limits(
+            max_objectives=self.max_objectives,
+            max_samples=self.max_samples,
+            max_steps=self.max_steps,
+        )
 
     def __post_init__(self) -> None:
         if self.model_repository is not None and not self.model_repository.is_dir():
@@ -86,7 +104,13 @@ class Settings:
             raise SettingsError(
                 f"max_message_bytes={self.max_message_bytes} is too small: use at least {4 * MIB}"
             )
-        for name in ("max_batch_size", "max_objectives", "worker_threads"):
+        for name in (
+            "max_batch_size",
+            "max_objectives",
+            "max_samples",
+            "max_steps",
+            "worker_threads",
+        ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name}={getattr(self, name)} must be at least 1")
         if self.shutdown_grace_seconds < 0:

@@ -81,7 +81,7 @@ class Objective(_message.Message):
     def __init__(self, layer: _Optional[_Union[LayerRef, _Mapping]] = ..., filter_indices: _Optional[_Iterable[int]] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class Explanation(_message.Message):
-    __slots__ = ("method", "objectives", "grad_modifiers", "keepdims", "normalize", "keep_activation", "output_dtype", "backprop_modifier", "wrt", "seed", "input")
+    __slots__ = ("method", "objectives", "grad_modifiers", "keepdims", "normalize", "keep_activation", "output_dtype", "backprop_modifier", "wrt", "seed", "input", "output", "penultimate_layer", "samples", "noise", "steps", "baseline")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVES_FIELD_NUMBER: _ClassVar[int]
     GRAD_MODIFIERS_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,12 @@ class Explanation(_message.Message):
     WRT_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    PENULTIMATE_LAYER_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    NOISE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
     method: str
     objectives: _containers.RepeatedCompositeFieldContainer[Objective]
     grad_modifiers: _containers.RepeatedScalarFieldContainer[str]
@@ -104,7 +110,13 @@ class Explanation(_message.Message):
     wrt: LayerRef
     seed: int
     input: str
-    def __init__(self, method: _Optional[str] = ..., objectives: _Optional[_Iterable[_Union[Objective, _Mapping]]] = ..., grad_modifiers: _Optional[_Iterable[str]] = ..., keepdims: _Optional[bool] = ..., normalize: _Optional[bool] = ..., keep_activation: _Optional[bool] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., backprop_modifier: _Optional[str] = ..., wrt: _Optional[_Union[LayerRef, _Mapping]] = ..., seed: _Optional[int] = ..., input: _Optional[str] = ...) -> None: ...
+    output: str
+    penultimate_layer: LayerRef
+    samples: int
+    noise: float
+    steps: int
+    baseline: Tensor
+    def __init__(self, method: _Optional[str] = ..., objectives: _Optional[_Iterable[_Union[Objective, _Mapping]]] = ..., grad_modifiers: _Optional[_Iterable[str]] = ..., keepdims: _Optional[bool] = ..., normalize: _Optional[bool] = ..., keep_activation: _Optional[bool] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., backprop_modifier: _Optional[str] = ..., wrt: _Optional[_Union[LayerRef, _Mapping]] = ..., seed: _Optional[int] = ..., input: _Optional[str] = ..., output: _Optional[str] = ..., penultimate_layer: _Optional[_Union[LayerRef, _Mapping]] = ..., samples: _Optional[int] = ..., noise: _Optional[float] = ..., steps: _Optional[int] = ..., baseline: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
     __slots__ = ("model", "inputs", "explanation")
@@ -141,7 +153,7 @@ class ResolvedObjective(_message.Message):
     def __init__(self, layer_name: _Optional[str] = ..., layer_index: _Optional[int] = ..., filter_indices: _Optional[_Iterable[int]] = ..., weight: _Optional[float] = ..., used_logits: _Optional[bool] = ..., reduction: _Optional[str] = ...) -> None: ...
 
 class ResolvedExplanation(_message.Message):
-    __slots__ = ("method", "objectives", "grad_modifiers", "keepdims", "normalize", "output_dtype", "input", "channels_reduced", "seed")
+    __slots__ = ("method", "objectives", "grad_modifiers", "keepdims", "normalize", "output_dtype", "input", "channels_reduced", "seed", "backprop_modifier", "wrt", "penultimate_layer", "samples", "noise", "steps", "output")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVES_FIELD_NUMBER: _ClassVar[int]
     GRAD_MODIFIERS_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +163,13 @@ class ResolvedExplanation(_message.Message):
     INPUT_FIELD_NUMBER: _ClassVar[int]
     CHANNELS_REDUCED_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    BACKPROP_MODIFIER_FIELD_NUMBER: _ClassVar[int]
+    WRT_FIELD_NUMBER: _ClassVar[int]
+    PENULTIMATE_LAYER_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    NOISE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
     method: str
     objectives: _containers.RepeatedCompositeFieldContainer[ResolvedObjective]
     grad_modifiers: _containers.RepeatedScalarFieldContainer[str]
@@ -160,19 +179,30 @@ class ResolvedExplanation(_message.Message):
     input: str
     channels_reduced: bool
     seed: int
-    def __init__(self, method: _Optional[str] = ..., objectives: _Optional[_Iterable[_Union[ResolvedObjective, _Mapping]]] = ..., grad_modifiers: _Optional[_Iterable[str]] = ..., keepdims: _Optional[bool] = ..., normalize: _Optional[bool] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., input: _Optional[str] = ..., channels_reduced: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
+    backprop_modifier: str
+    wrt: str
+    penultimate_layer: str
+    samples: int
+    noise: float
+    steps: int
+    output: str
+    def __init__(self, method: _Optional[str] = ..., objectives: _Optional[_Iterable[_Union[ResolvedObjective, _Mapping]]] = ..., grad_modifiers: _Optional[_Iterable[str]] = ..., keepdims: _Optional[bool] = ..., normalize: _Optional[bool] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., input: _Optional[str] = ..., channels_reduced: _Optional[bool] = ..., seed: _Optional[int] = ..., backprop_modifier: _Optional[str] = ..., wrt: _Optional[str] = ..., penultimate_layer: _Optional[str] = ..., samples: _Optional[int] = ..., noise: _Optional[float] = ..., steps: _Optional[int] = ..., output: _Optional[str] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("model", "outputs", "maps", "resolved")
+    __slots__ = ("model", "outputs", "maps", "resolved", "completeness_residual", "score_difference")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     MAPS_FIELD_NUMBER: _ClassVar[int]
     RESOLVED_FIELD_NUMBER: _ClassVar[int]
+    COMPLETENESS_RESIDUAL_FIELD_NUMBER: _ClassVar[int]
+    SCORE_DIFFERENCE_FIELD_NUMBER: _ClassVar[int]
     model: ModelSpec
     outputs: _containers.RepeatedCompositeFieldContainer[Tensor]
     maps: _containers.RepeatedCompositeFieldContainer[SaliencyMap]
     resolved: ResolvedExplanation
-    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., maps: _Optional[_Iterable[_Union[SaliencyMap, _Mapping]]] = ..., resolved: _Optional[_Union[ResolvedExplanation, _Mapping]] = ...) -> None: ...
+    completeness_residual: Tensor
+    score_difference: Tensor
+    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., maps: _Optional[_Iterable[_Union[SaliencyMap, _Mapping]]] = ..., resolved: _Optional[_Union[ResolvedExplanation, _Mapping]] = ..., completeness_residual: _Optional[_Union[Tensor, _Mapping]] = ..., score_difference: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class GetModelMetadataRequest(_message.Message):
     __slots__ = ("model",)
@@ -205,7 +235,7 @@ class LayerInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., index: _Optional[int] = ..., kind: _Optional[str] = ..., output_shape: _Optional[_Iterable[int]] = ..., activation: _Optional[str] = ...) -> None: ...
 
 class ModelMetadata(_message.Message):
-    __slots__ = ("name", "versions", "version", "inputs", "outputs", "layers", "methods", "grad_modifiers", "max_batch_size")
+    __slots__ = ("name", "versions", "version", "inputs", "outputs", "layers", "methods", "grad_modifiers", "max_batch_size", "backprop_modifiers", "max_samples", "max_steps")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -215,6 +245,9 @@ class ModelMetadata(_message.Message):
     METHODS_FIELD_NUMBER: _ClassVar[int]
     GRAD_MODIFIERS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BACKPROP_MODIFIERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     name: str
     versions: _containers.RepeatedScalarFieldContainer[int]
     version: int
@@ -224,7 +257,10 @@ class ModelMetadata(_message.Message):
     methods: _containers.RepeatedScalarFieldContainer[str]
     grad_modifiers: _containers.RepeatedScalarFieldContainer[str]
     max_batch_size: int
-    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[int]] = ..., version: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., methods: _Optional[_Iterable[str]] = ..., grad_modifiers: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
+    backprop_modifiers: _containers.RepeatedScalarFieldContainer[str]
+    max_samples: int
+    max_steps: int
+    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[int]] = ..., version: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., methods: _Optional[_Iterable[str]] = ..., grad_modifiers: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ..., backprop_modifiers: _Optional[_Iterable[str]] = ..., max_samples: _Optional[int] = ..., max_steps: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

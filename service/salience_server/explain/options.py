@@ -7,27 +7,46 @@ metadata and documentation agree.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-# The methods a request may name. Only VANILLA is computed today; the others are
-# reserved names that are answered UNIMPLEMENTED rather than INVALID_ARGUMENT.
+# The methods a request may name; `explain.methods.METHODS` implements each.
 VANILLA = "vanilla"
-IMPLEMENTED_METHODS: tuple[str, ...] = (VANILLA,)
-RESERVED_METHODS: tuple[str, ...] = (
-    "gradcam",
-    "gradcam++",
-    "guided-gradcam",
-    "smoothgrad",
-    "integrated-gradients",
-    "gradient-x-input",
+GRADCAM = "gradcam"
+GRADCAM_PLUS_PLUS = "gradcam++"
+GUIDED_GRADCAM = "guided-gradcam"
+SMOOTHGRAD = "smoothgrad"
+INTEGRATED_GRADIENTS = "integrated-gradients"
+GRADIENT_X_INPUT = "gradient-x-input"
+METHOD_NAMES: tuple[str, ...] = (
+    VANILLA,
+    GRADCAM,
+    GRADCAM_PLUS_PLUS,
+    GUIDED_GRADCAM,
+    SMOOTHGRAD,
+    INTEGRATED_GRADIENTS,
+    GRADIENT_X_INPUT,
 )
-RESERVED_BACKPROP_MODIFIERS: tuple[str, ...] = ("guided", "rectified", "deconv", "relu")
 
 DEFAULT_GRAD_MODIFIER = "absolute"
+
+# Method defaults, documented in the README and the schema.
+DEFAULT_SAMPLES = 16
+DEFAULT_NOISE = 0.15
+DEFAULT_STEPS = 64
 # Element type of returned maps, by the short names the wire codec uses.
 OUTPUT_DTYPES: tuple[str, ...] = ("float32", "float16", "uint8")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request caps from the server settings."""
+
+    max_objectives: int = 16
+    max_samples: int = 128
+    max_steps: int = 512
+
 
 LayerSelector = str | int | None
 """A layer by name, by index (negative counts from the end), or None for the output."""
@@ -50,13 +69,25 @@ class ExplainOptions:
 
     method: str = VANILLA
     objectives: tuple[Objective, ...] = (Objective(),)
-    grad_modifiers: tuple[str, ...] = (DEFAULT_GRAD_MODIFIER,)
+    # Empty: the method's default ("absolute", or "none" for the CAM methods).
+    grad_modifiers: tuple[str, ...] = ()
     keepdims: bool = False
     normalize: bool = True
     keep_activation: bool = False
     output_dtype: str = "float32"
     input_name: str = ""
     seed: int | None = None
+    backprop_modifier: str = ""
+    # A layer whose output the gradient is taken with respect to; None: the input.
+    wrt: LayerSelector = None
+    # The output head that objectives without a layer refer to; "": the first.
+    output_name: str = ""
+    # Grad-CAM family: None picks the last layer with spatial extent > 1x1.
+    penultimate_layer: LayerSelector = None
+    samples: int = 0  # 0: DEFAULT_SAMPLES
+    noise: float | None = None  # None: DEFAULT_NOISE
+    steps: int = 0  # 0: DEFAULT_STEPS
+    baseline: np.ndarray | None = None  # one sample or one per sample; None: zeros
 
 
 @dataclass(frozen=True)
@@ -84,12 +115,24 @@ class ResolvedExplanation:
     input_name: str
     channels_reduced: bool
     seed: int | None
+    backprop_modifier: str = ""
+    wrt: str = ""
+    penultimate_layer: str = ""
+    samples: int = 0
+    noise: float = 0.0
+    steps: int = 0
+    output_name: str = ""
 
 
 @dataclass
 class ExplainResult:
-    """Predictions and one map per grad modifier, each stacked over the batch."""
+    """Predictions and one map per grad modifier, each stacked over the batch.
+
+    `extras` holds per-sample method diagnostics (Integrated Gradients'
+    `completeness_residual` and `score_difference`).
+    """
 
     outputs: list[np.ndarray]
     maps: dict[str, np.ndarray]
     resolved: ResolvedExplanation
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
