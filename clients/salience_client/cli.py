@@ -126,6 +126,28 @@ def parse_names(text: str) -> list[str]:
     return names
 
 
+def parse_count(text: str) -> int:
+    """A non-negative integer (samples, steps, seed)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative: use 0 or more")
+    return value
+
+
+def parse_noise(text: str) -> float:
+    """SmoothGrad's noise level: a finite fraction >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not allowed: use a finite value >= 0")
+    return value
+
+
 def parse_timeout(text: str) -> float:
     try:
         value = float(text)
@@ -158,6 +180,124 @@ def parse_alpha(text: str) -> float:
 
 
 # The parser ---------------------------------------------------------------------
+
+
+def explanation_parser() -> argparse.ArgumentParser:
+    """The explanation options shared by `explain` and `bench`."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument(
+        "--layer", type=parse_layer, metavar="L", help="layer name or index (default: output)"
+    )
+    options.add_argument(
+        "--filter-indices",
+        type=parse_indices,
+        metavar="I[,I...]",
+        help="units or channels of the layer to explain (default: the layer mean)",
+    )
+    options.add_argument(
+        "--objective",
+        dest="objectives",
+        type=parse_objective,
+        action="append",
+        metavar=OBJECTIVE_FORMAT,
+        help="a weighted term of the explained score; repeat to sum several "
+        "(not with --layer/--filter-indices)",
+    )
+    options.add_argument(
+        "--grad-modifier",
+        dest="grad_modifiers",
+        type=parse_names,
+        action="append",
+        metavar="M[,M...]",
+        help="absolute (default), none, negate, relu, invert, small_values; one map each",
+    )
+    options.add_argument(
+        "--method",
+        default="",
+        metavar="NAME",
+        help="vanilla (default), gradcam, gradcam++, guided-gradcam, smoothgrad, "
+        "integrated-gradients, gradient-x-input",
+    )
+    options.add_argument(
+        "--backprop-modifier",
+        default="",
+        metavar="NAME",
+        help="guided or rectified (alias deconv, relu): how gradients pass through ReLUs",
+    )
+    options.add_argument(
+        "--wrt",
+        type=parse_layer,
+        metavar="LAYER",
+        help="take the gradient with respect to this layer's output instead of the input",
+    )
+    options.add_argument(
+        "--penultimate-layer",
+        type=parse_layer,
+        metavar="L",
+        help="Grad-CAM layer (default: the last layer with spatial extent above 1x1)",
+    )
+    options.add_argument(
+        "--samples", type=parse_count, default=0, metavar="N", help="SmoothGrad copies (16)"
+    )
+    options.add_argument(
+        "--noise",
+        type=parse_noise,
+        metavar="S",
+        help="SmoothGrad noise std as a fraction of each sample's range (0.15)",
+    )
+    options.add_argument(
+        "--steps", type=parse_count, default=0, metavar="N", help="Integrated Gradients steps (64)"
+    )
+    options.add_argument(
+        "--seed", type=parse_count, metavar="N", help="seed of SmoothGrad's noise (echoed)"
+    )
+    options.add_argument(
+        "--input-name", default="", metavar="NAME", help="the input the maps are for"
+    )
+    options.add_argument(
+        "--output",
+        dest="output_head",
+        default="",
+        metavar="NAME",
+        help="the output head objectives without a layer refer to",
+    )
+    options.add_argument("--keepdims", action="store_true", help="keep the channel axis")
+    options.add_argument(
+        "--no-normalize", action="store_true", help="raw maps instead of [0, 1) per sample"
+    )
+    options.add_argument(
+        "--keep-activation",
+        action="store_true",
+        help="score a softmax/sigmoid layer's output instead of its logits",
+    )
+    options.add_argument(
+        "--output-dtype", choices=OUTPUT_DTYPES, default="float32", help="element type of maps"
+    )
+    return options
+
+
+def explanation_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`SalienceClient.explain` keyword arguments from parsed explanation options."""
+    return {
+        "method": args.method,
+        "layer": args.layer,
+        "filter_indices": args.filter_indices or (),
+        "objectives": args.objectives or (),
+        "grad_modifiers": args.grad_modifiers or (),
+        "keepdims": args.keepdims,
+        "normalize": not args.no_normalize,
+        "keep_activation": args.keep_activation,
+        "output_dtype": args.output_dtype,
+        "backprop_modifier": args.backprop_modifier,
+        "wrt": args.wrt,
+        "penultimate_layer": args.penultimate_layer,
+        "samples": args.samples,
+        "noise": args.noise,
+        "steps": args.steps,
+        "seed": args.seed,
+        "input_name": args.input_name,
+        "output": args.output_head,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,49 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     explain = commands.add_parser(
         "explain",
-        parents=[connection, model],
+        parents=[connection, model, explanation_parser()],
         help="saliency maps of a model's predictions, as .npz or overlay PNGs",
         description="Saliency maps of a model's predictions. A negative layer index or "
         "objective needs the `=` form: --layer=-1, --objective=-1:2.",
-    )
-    explain.add_argument(
-        "--layer", type=parse_layer, metavar="L", help="layer name or index (default: output)"
-    )
-    explain.add_argument(
-        "--filter-indices",
-        type=parse_indices,
-        metavar="I[,I...]",
-        help="units or channels of the layer to explain (default: the layer mean)",
-    )
-    explain.add_argument(
-        "--objective",
-        dest="objectives",
-        type=parse_objective,
-        action="append",
-        metavar=OBJECTIVE_FORMAT,
-        help="a weighted term of the explained score; repeat to sum several "
-        "(not with --layer/--filter-indices)",
-    )
-    explain.add_argument(
-        "--grad-modifier",
-        dest="grad_modifiers",
-        type=parse_names,
-        action="append",
-        metavar="M[,M...]",
-        help="absolute (default), none, negate, relu, invert, small_values; one map each",
-    )
-    explain.add_argument("--method", default="", help="explanation method (default: vanilla)")
-    explain.add_argument("--keepdims", action="store_true", help="keep the channel axis")
-    explain.add_argument(
-        "--no-normalize", action="store_true", help="raw maps instead of [0, 1) per sample"
-    )
-    explain.add_argument(
-        "--keep-activation",
-        action="store_true",
-        help="score a softmax/sigmoid layer's output instead of its logits",
-    )
-    explain.add_argument(
-        "--output-dtype", choices=OUTPUT_DTYPES, default="float32", help="element type of maps"
     )
     explain.add_argument(
         "--colormap", default="jet", metavar="NAME", help="matplotlib colormap of overlays"
@@ -621,6 +722,9 @@ def explanation_arrays(result: Explanation) -> dict[str, np.ndarray]:
     arrays.update({f"saliency_{name}": m for name, m in result.maps.items()})
     if len(result.maps) == 1:
         arrays["saliency"] = next(iter(result.maps.values()))
+    if result.completeness_residual is not None and result.score_difference is not None:
+        arrays["completeness_residual"] = result.completeness_residual
+        arrays["score_difference"] = result.score_difference
     return arrays
 
 
@@ -734,15 +838,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             args.model,
             batch.array,
             version=args.version,
-            method=args.method,
-            layer=args.layer,
-            filter_indices=args.filter_indices or (),
-            objectives=args.objectives,
-            grad_modifiers=args.grad_modifiers,
-            keepdims=args.keepdims,
-            normalize=not args.no_normalize,
-            keep_activation=args.keep_activation,
-            output_dtype=args.output_dtype,
+            **explanation_options(args),
         )
     if to_npz:
         written = [write_npz(args.out, explanation_arrays(result))]
