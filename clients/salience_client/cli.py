@@ -4,6 +4,7 @@
     salience models --target localhost:50051 --json
     salience predict --model shapes --out predictions.npz cat.png dog.png
     salience explain --model shapes --filter-indices 2 --grad-modifier relu --out maps/ cat.png
+    salience bench --model shapes --rpc explain --concurrency 32 --duration 20
 
 An INPUT is a `.npy` file (one sample, or a batch with the batch axis first) or an
 image Pillow can read. The model's metadata says how to read it: a `.npy` sample
@@ -52,6 +53,7 @@ OUTPUT_DTYPES = ("float32", "float16", "uint8")
 # Pillow modes by the channel count of a model's image input.
 IMAGE_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 OBJECTIVE_FORMAT = "LAYER:I[,I...][:WEIGHT]"
+DEFAULT_BENCH_SECONDS = 10.0
 
 
 class UsageError(Exception):
@@ -155,6 +157,17 @@ def parse_timeout(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def parse_positive(text: str) -> int:
+    """An integer of at least 1 (concurrency, requests, batch)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: use 1 or more")
     return value
 
 
@@ -390,13 +403,77 @@ def build_parser() -> argparse.ArgumentParser:
         help="a .npz file of the arrays, or a directory of overlay PNGs",
     )
     explain.set_defaults(subparser=explain)
+
+    bench = commands.add_parser(
+        "bench",
+        parents=[connection, explanation_parser()],
+        help="load-test a served model: throughput, latency percentiles, errors by status",
+        description="Sends requests to a served model for a duration or a number of "
+        "requests and reports throughput, latency p50/p90/p99/max and errors by status "
+        "code. Closed loop (--concurrency callers) unless --rate starts requests on a "
+        "schedule. Inputs are the INPUT files' samples, or random samples of the model's "
+        "input shape when none is given.",
+    )
+    bench.add_argument("--model", required=True, metavar="NAME", help="model name")
+    bench.add_argument(
+        "--version", type=parse_version, default=0, metavar="V", help="model version"
+    )
+    bench.add_argument(
+        "--rpc", choices=("predict", "explain"), default="explain", help="the call to send"
+    )
+    bench.add_argument(
+        "--concurrency",
+        type=parse_positive,
+        default=1,
+        metavar="N",
+        help="requests in flight at once (closed loop; default 1)",
+    )
+    amount = bench.add_mutually_exclusive_group()
+    amount.add_argument(
+        "--duration",
+        type=parse_timeout,
+        metavar="SECONDS",
+        help="how long to send requests (default 10)",
+    )
+    amount.add_argument(
+        "--requests", type=parse_positive, metavar="N", help="how many requests to send"
+    )
+    bench.add_argument(
+        "--rate",
+        type=parse_timeout,
+        metavar="R",
+        help="open loop: start R requests per second whatever the answers (ignores "
+        "--concurrency); latency counts from when each was due",
+    )
+    bench.add_argument(
+        "--batch",
+        type=parse_positive,
+        default=1,
+        metavar="N",
+        help="samples per request (default 1)",
+    )
+    bench.add_argument(
+        "--warmup",
+        type=parse_count,
+        metavar="N",
+        help="requests sent and not counted before the run (default: --concurrency)",
+    )
+    bench.add_argument("--json", action="store_true", help="print the figures as JSON")
+    bench.add_argument(
+        "inputs",
+        nargs="*",
+        type=Path,
+        metavar="INPUT",
+        help="a .npy file or an image; without any, random samples of the model's shape",
+    )
+    bench.set_defaults(subparser=bench)
     return parser
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Parses and cross-checks a command line (not `serve`); usage errors exit 2."""
     args = build_parser().parse_args(list(argv))
-    if args.command == "explain":
+    if args.command in ("explain", "bench"):
         subparser: argparse.ArgumentParser = args.subparser
         del args.subparser
         if args.objectives and (args.layer is not None or args.filter_indices):
@@ -848,10 +925,66 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def bench_samples(args: argparse.Namespace, metadata: pb.ModelMetadata) -> np.ndarray:
+    """The samples `salience bench` sends: from INPUT files, or random of the input shape."""
+    from salience_client.bench import random_samples
+
+    if args.inputs:
+        check_readable(args.inputs)
+        return load_inputs(args.inputs, metadata).array
+    spec = InputSpec.from_metadata(metadata)
+    if any(d is None for d in spec.shape):
+        raise UsageError(
+            f"model {spec.model!r} input {spec.name!r} has shape {spec.describe()} with free "
+            "dimensions, so random samples have no size: pass INPUT files"
+        )
+    shape = [int(d) for d in spec.shape if d is not None]
+    return random_samples(spec.dtype, shape, max(args.batch, 16))
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from salience_client import bench
+
+    with _client(args) as client:
+        metadata = client.metadata(args.model, version=args.version)
+    samples = bench_samples(args, metadata)
+    payloads = bench.payloads(
+        args.rpc,
+        args.model,
+        samples,
+        args.batch,
+        version=args.version,
+        options=explanation_options(args) if args.rpc == "explain" else None,
+    )
+    duration = None if args.requests is not None else args.duration or DEFAULT_BENCH_SECONDS
+    load = bench.Load(
+        target=args.target,
+        rpc=args.rpc,
+        payloads=payloads,
+        samples_per_request=args.batch,
+        concurrency=args.concurrency,
+        duration=duration,
+        requests=args.requests,
+        rate=args.rate,
+        timeout=args.timeout,
+        warmup=args.concurrency if args.warmup is None else args.warmup,
+    )
+    result = bench.run(load, progress=True)
+    if args.json:
+        summary = {"target": args.target, "model": args.model, **result.summary()}
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"model {args.model} at {args.target}")
+        _print_lines(result.format())
+    # Errors are figures of a load test; only a run where nothing succeeded fails.
+    return EXIT_OK if result.ok else EXIT_FAILURE
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "models": cmd_models,
     "predict": cmd_predict,
     "explain": cmd_explain,
+    "bench": cmd_bench,
 }
 
 SERVER_EXTRA_HINT = "install the server with: pip install 'salience[server]'"
@@ -881,6 +1014,7 @@ def cmd_serve(argv: Sequence[str]) -> int:
         return EXIT_USAGE
     try:
         from salience_server.app import serve
+        from salience_server.plugins import PluginError
         from salience_server.repository import RepositoryError
     except ImportError as err:
         # The server package ships with the client; its dependencies come with the extra.
@@ -891,7 +1025,7 @@ def cmd_serve(argv: Sequence[str]) -> int:
         return EXIT_FAILURE
     try:
         serve(settings)
-    except (RepositoryError, OSError) as err:
+    except (RepositoryError, PluginError, OSError) as err:
         print(f"salience serve: error: {err}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK

@@ -2,8 +2,9 @@
 reflection, message size limits, metrics, and an ordered shutdown.
 
 Shutdown on SIGTERM/SIGINT: health goes NOT_SERVING, the server stops accepting and
-lets in-flight calls finish within the grace period, then the worker threads are
-drained and the models released — never the model before the calls.
+lets in-flight calls finish within the grace period (the batchers send what is
+queued without waiting), then the batchers and threads are drained and the models
+released — never the model before the calls.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from salience_server.core import InferenceCore
 from salience_server.demo import bundled_repository
 from salience_server.errors import ErrorInterceptor
 from salience_server.metrics import Metrics
+from salience_server.plugins import load_plugins
 from salience_server.repository import ModelRepository
 from salience_server.servicer import SalienceServicer
 from salience_server.settings import Settings
@@ -61,6 +63,8 @@ class SalienceServer:
 
     async def start(self) -> int:
         """Loads and warms up every model, then serves; returns the bound port."""
+        # Plugins first: their modifiers must exist before models list what they support.
+        await asyncio.to_thread(load_plugins, self.settings.plugins)
         repository = self._repository
         if repository is None:
             # Loading is blocking TensorFlow work: keep it off the event loop.
@@ -108,9 +112,13 @@ class SalienceServer:
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
+        if self.core is not None:
+            # Queued requests go to the device at once, so in-flight calls can
+            # finish within the grace instead of waiting for batch company.
+            self.core.drain()
         await self._server.stop(grace)
         if self.core is not None:
-            await asyncio.to_thread(self.core.close)
+            await self.core.aclose()
         self._server = None
         log.info("stopped")
 

@@ -88,7 +88,24 @@ def explain_options(explanation: pb.Explanation) -> ExplainOptions:
         noise=noise,
         steps=explanation.steps,
         baseline=baseline,
+        unset=_unset_options(explanation),
     )
+
+
+def _unset_options(explanation: pb.Explanation) -> frozenset[str]:
+    """The ExplainOptions fields the request left unset, which a model's configured
+    defaults may fill (the others' unset value cannot be told from a chosen one).
+    """
+    unset = {
+        "method": not explanation.method,
+        "grad_modifiers": not explanation.grad_modifiers,
+        "normalize": not explanation.HasField("normalize"),
+        "output_dtype": explanation.output_dtype == pb.DATA_TYPE_UNSPECIFIED,
+        "samples": explanation.samples == 0,
+        "noise": not explanation.HasField("noise"),
+        "steps": explanation.steps == 0,
+    }
+    return frozenset(name for name, is_unset in unset.items() if is_unset)
 
 
 def model_spec(runtime: ModelRuntime) -> pb.ModelSpec:

@@ -1,19 +1,22 @@
-"""The protocol-neutral core: checks a request against its model and runs it on a
-worker thread, off the event loop.
+"""The protocol-neutral core: checks and plans a request off the event loop, then
+hands it to its model's batcher, which computes it on the model's device thread.
 
 The servicer converts protobuf to these calls and back; nothing here knows gRPC.
+A deadline is an absolute `time.monotonic()` instant (None: no deadline).
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from types import MappingProxyType
 from typing import TypeVar
 
 import numpy as np
 
+from salience_server.batching import Batcher
+from salience_server.explain.engine import Plan
 from salience_server.explain.options import ExplainOptions, ExplainResult
 from salience_server.metrics import Metrics
 from salience_server.repository import ModelRepository
@@ -23,6 +26,11 @@ from salience_server.settings import Settings
 T = TypeVar("T")
 
 
+def _rows(arrays: dict[str, np.ndarray]) -> int:
+    """The batch a request claims, before its inputs are checked (for admission)."""
+    return max((a.shape[0] if a.ndim else 1 for a in arrays.values()), default=1)
+
+
 class InferenceCore:
     """Predict and explain on the models of one repository."""
 
@@ -30,52 +38,78 @@ class InferenceCore:
         self.repository = repository
         self.settings = settings
         self.metrics = metrics
-        self._executor = ThreadPoolExecutor(
-            max_workers=settings.worker_threads, thread_name_prefix="salience-tf"
+        # Host work only (input checks, planning, which may build derived models):
+        # device calls run on each model's own thread, inside its batcher.
+        self._host = ThreadPoolExecutor(
+            max_workers=settings.worker_threads, thread_name_prefix="salience-host"
         )
+        self._batchers: dict[tuple[str, int], Batcher] = {}
 
-    async def _run(self, runtime: ModelRuntime, kind: str, work: Callable[[], T]) -> T:
-        def timed() -> T:
-            start = time.perf_counter()
-            try:
-                return work()
-            finally:
-                self.metrics.compute_seconds.labels(runtime.name, kind).observe(
-                    time.perf_counter() - start
-                )
+    @property
+    def batchers(self) -> Mapping[tuple[str, int], Batcher]:
+        """The batchers made so far, by model name and version."""
+        return MappingProxyType(self._batchers)
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, timed)
+    def batcher(self, runtime: ModelRuntime) -> Batcher:
+        """The batcher of a model version, made on first use (on the event loop)."""
+        key = (runtime.name, runtime.version)
+        batcher = self._batchers.get(key)
+        if batcher is None:
+            config = self.settings.batching_for(runtime.name)
+            batcher = self._batchers[key] = Batcher(runtime, config, self.metrics)
+        return batcher
+
+    async def _on_host(self, work: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._host, work)
 
     async def predict(
-        self, name: str, version: int, arrays: dict[str, np.ndarray]
+        self,
+        name: str,
+        version: int,
+        arrays: dict[str, np.ndarray],
+        deadline: float | None = None,
     ) -> tuple[ModelRuntime, list[np.ndarray]]:
         """The model's outputs for a batch of inputs keyed by input name."""
         runtime = self.repository.get(name, version)
-
-        def work() -> list[np.ndarray]:
-            inputs = runtime.check_inputs(arrays, self.settings.max_batch_size)
-            outputs = runtime.predict(inputs)
-            self.metrics.samples.labels(runtime.name, "predict").inc(len(inputs[0]))
-            return outputs
-
-        return runtime, await self._run(runtime, "predict", work)
+        batcher = self.batcher(runtime)
+        # A full queue refuses before any work is spent on the request.
+        batcher.admit(_rows(arrays), deadline)
+        inputs = await self._on_host(
+            lambda: runtime.check_inputs(arrays, self.settings.max_batch_size)
+        )
+        return runtime, await batcher.predict(inputs, deadline)
 
     async def explain(
-        self, name: str, version: int, arrays: dict[str, np.ndarray], options: ExplainOptions
+        self,
+        name: str,
+        version: int,
+        arrays: dict[str, np.ndarray],
+        options: ExplainOptions,
+        deadline: float | None = None,
     ) -> tuple[ModelRuntime, ExplainResult]:
         """Predictions and maps for a batch of inputs keyed by input name."""
         runtime = self.repository.get(name, version)
         runtime.check_options(options, self.settings.limits)
+        batcher = self.batcher(runtime)
+        batcher.admit(_rows(arrays), deadline)
 
-        def work() -> ExplainResult:
+        def prepare() -> tuple[list[np.ndarray], Plan]:
             inputs = runtime.check_inputs(arrays, self.settings.max_batch_size)
-            result = runtime.explain(inputs, options)
-            self.metrics.samples.labels(runtime.name, "explain").inc(len(inputs[0]))
-            return result
+            return inputs, runtime.plan(options, len(inputs[0]))
 
-        return runtime, await self._run(runtime, "explain", work)
+        inputs, plan = await self._on_host(prepare)
+        return runtime, await batcher.explain(inputs, plan, deadline)
 
-    def close(self) -> None:
-        """Waits for running work, then releases the models."""
-        self._executor.shutdown(wait=True)
+    def drain(self) -> None:
+        """Shutdown has begun: queued requests go to the device without waiting for
+        company, and new ones are refused.
+        """
+        for batcher in self._batchers.values():
+            batcher.drain()
+
+    async def aclose(self) -> None:
+        """Finishes what is queued, stops the threads, then releases the models."""
+        for batcher in self._batchers.values():
+            await batcher.aclose()
+        await asyncio.to_thread(self._host.shutdown, True)
         self.repository.close()

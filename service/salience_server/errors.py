@@ -51,6 +51,20 @@ class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class ResourceExhausted(ServiceError):
+    """The server is at capacity (a full queue) or a device ran out of memory:
+    retryable, after a back-off, or with a smaller batch.
+    """
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(ServiceError):
+    """The caller's deadline passed before the work was done."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 def allowed(values: Any, limit: int = 12) -> str:
     """Lists allowed values for a message, shortened when there are many."""
     items = [repr(v) if isinstance(v, str) else str(v) for v in values]

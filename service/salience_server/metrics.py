@@ -6,10 +6,14 @@ Latencies are histograms with their unit in the name.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 # Spans a cached small-model call (ms) to a large batch on CPU (tens of seconds).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Queue waits start well below a millisecond (the batching delay is a few ms).
+QUEUE_WAIT_BUCKETS = (0.0001, 0.00025, 0.0005, *LATENCY_BUCKETS)
+# Samples per device call: the default padding buckets, and beyond.
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class Metrics:
@@ -32,7 +36,7 @@ class Metrics:
         )
         self.compute_seconds = Histogram(
             "salience_compute_duration_seconds",
-            "Time a model spends computing one request on its device, checks included",
+            "Time a model spends on one device call (a batch of requests), finish included",
             ["model", "kind"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
@@ -41,6 +45,40 @@ class Metrics:
             "salience_samples",
             "Samples (batch rows) computed, by model and kind (predict or explain)",
             ["model", "kind"],
+            registry=registry,
+        )
+        self.queue_wait_seconds = Histogram(
+            "salience_queue_wait_seconds",
+            "Time a request waits in its model's queue before its device call starts",
+            ["model"],
+            buckets=QUEUE_WAIT_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "salience_batch_size",
+            "Samples in one device call (padding not counted)",
+            ["model"],
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=registry,
+        )
+        self.batch_requests = Histogram(
+            "salience_batch_requests",
+            "Requests merged into one device call (a request split across calls counts in each)",
+            ["model"],
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "salience_queue_depth",
+            "Samples waiting in a model's queue for the device",
+            ["model"],
+            registry=registry,
+        )
+        self.refused = Counter(
+            "salience_requests_refused",
+            "Requests that never reached the device: queue_full (refused at once), "
+            "deadline_exceeded or cancelled (dropped from the queue)",
+            ["model", "reason"],
             registry=registry,
         )
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from salience_server.errors import FailedPrecondition, InvalidArgument, allowed
-from salience_server.explain import modifiers
+from salience_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, allowed
+from salience_server.explain import backprop, modifiers
 from salience_server.explain.engine import (
     DeviceFunction,
     Graph,
@@ -45,6 +46,41 @@ log = logging.getLogger(__name__)
 # Distinct graphs kept compiled per model; the least recently used is dropped
 # beyond this, so requests naming ever new layers cannot grow memory without bound.
 FUNCTION_CACHE_SIZE = 32
+
+
+def _check_honoured(options: ExplainOptions, plan: Plan) -> None:
+    """Refuses options the method did not apply (its echo lacks them), so that a
+    request never silently gets a map computed without what it asked for.
+    """
+    method = options.method
+    r = plan.resolved
+    if options.backprop_modifier and not r.backprop_modifier:
+        raise InvalidArgument(
+            f"explanation.backprop_modifier={options.backprop_modifier!r} does not apply to "
+            f"method {method!r}: leave it empty"
+        )
+    if options.wrt is not None and not r.wrt:
+        raise InvalidArgument(
+            f"explanation.wrt does not apply to method {method!r}: leave it unset"
+        )
+    if options.penultimate_layer is not None and not r.penultimate_layer:
+        raise InvalidArgument(
+            f"explanation.penultimate_layer does not apply to method {method!r}: it chooses "
+            "the layer of the CAM methods; leave it unset"
+        )
+
+
+@contextmanager
+def _device_errors(model: str) -> Iterator[None]:
+    """A device that runs out of memory fails only this call, as RESOURCE_EXHAUSTED."""
+    try:
+        yield
+    except tf.errors.ResourceExhaustedError:
+        log.warning("model %s: device out of memory", model, exc_info=True)
+        raise ResourceExhausted(
+            f"device out of memory while computing model {model!r}: retry later or with "
+            "fewer samples"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -120,6 +156,9 @@ class ModelRuntime:
         # Guards the resolver and the function cache; RLock because methods build
         # derived models (linear twins, modified copies) while planning.
         self._lock = threading.RLock()
+        # Models and facts derived from this one (backprop-modified copies, activation
+        # scans), built once under _lock by the methods that need them, by key.
+        self.derived: dict[Any, Any] = {}
         self.traces = 0  # how many gradient functions have been traced (for tests)
 
     @classmethod
@@ -202,8 +241,9 @@ class ModelRuntime:
 
     def predict(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """The model's outputs for checked inputs."""
-        outputs = self._predict(tuple(tf.convert_to_tensor(x) for x in inputs))
-        return [o.numpy() for o in outputs]
+        with _device_errors(self.name):
+            outputs = self._predict(tuple(tf.convert_to_tensor(x) for x in inputs))
+            return [o.numpy() for o in outputs]
 
     # Explain ----------------------------------------------------------------
 
@@ -213,6 +253,7 @@ class ModelRuntime:
             raise InvalidArgument(
                 f"explanation.method={options.method!r} is unknown: use one of {allowed(METHODS)}"
             )
+        backprop.check_name(options)
         seen: set[str] = set()
         for k, name in enumerate(options.grad_modifiers):
             if name not in modifiers.GRAD_MODIFIERS:
@@ -272,27 +313,93 @@ class ModelRuntime:
         """Resolves checked options for a request of `batch` samples (engine step 1)."""
         method = METHODS[options.method]
         with self._lock:
-            return method.plan(self, options, batch)
+            plan = method.plan(self, options, batch)
+        _check_honoured(options, plan)
+        return plan
 
     def compute(
         self, graph: Graph, inputs: Sequence[np.ndarray], params: Mapping[str, np.ndarray]
     ) -> tuple[Tensors, RawTensors]:
         """One device call of one graph on a (possibly merged) batch (engine step 2)."""
         fn = self._device_function(graph, params)
-        return fn(
-            tuple(tf.convert_to_tensor(x) for x in inputs),
-            {key: tf.convert_to_tensor(value) for key, value in params.items()},
-        )
+        with _device_errors(self.name):
+            return fn(
+                tuple(tf.convert_to_tensor(x) for x in inputs),
+                {key: tf.convert_to_tensor(value) for key, value in params.items()},
+            )
 
     def finish(self, plan: Plan, outputs: Sequence[tf.Tensor], raw: RawTensors) -> ExplainResult:
         """A request's result from its own rows of a device call (engine step 3)."""
-        maps, extras = METHODS[plan.graph.method].finish(plan, raw)
-        return ExplainResult(
-            outputs=[np.asarray(o) for o in outputs],
-            maps={name: m.numpy() for name, m in maps.items()},
-            resolved=plan.resolved,
-            extras={name: e.numpy() for name, e in extras.items()},
-        )
+        with _device_errors(self.name):
+            maps, extras = METHODS[plan.graph.method].finish(plan, raw)
+            return ExplainResult(
+                outputs=[np.asarray(o) for o in outputs],
+                maps={name: m.numpy() for name, m in maps.items()},
+                resolved=plan.resolved,
+                extras={name: e.numpy() for name, e in extras.items()},
+            )
+
+    def finish_together(
+        self,
+        plans: Sequence[Plan],
+        spans: Sequence[tuple[int, int]],
+        outputs: Sequence[tf.Tensor],
+        raw: RawTensors,
+    ) -> list[ExplainResult]:
+        """Results of several requests of one device call that share their graph and
+        post-processing: one finish over every row of the call, one copy to the host,
+        then each request's rows by `spans` (start, stop).
+
+        Finishing is per sample (per-sample modifiers, reductions and
+        normalisation), so this equals finishing each request alone; it replaces a
+        per-request kernel launch and host copy with one for the whole group.
+        """
+        first = plans[0]
+        with _device_errors(self.name):
+            maps, extras = METHODS[first.graph.method].finish(first, raw)
+            host_maps = {name: m.numpy() for name, m in maps.items()}
+            host_extras = {name: e.numpy() for name, e in extras.items()}
+            host_outputs = [np.asarray(o) for o in outputs]
+        return [
+            ExplainResult(
+                outputs=[o[start:stop] for o in host_outputs],
+                maps={name: m[start:stop] for name, m in host_maps.items()},
+                resolved=plan.resolved,
+                extras={name: e[start:stop] for name, e in host_extras.items()},
+            )
+            for plan, (start, stop) in zip(plans, spans, strict=True)
+        ]
+
+    # Batches (the batcher's row bookkeeping; tensors stay on the device) -----
+
+    @staticmethod
+    def gather_rows(tensors: Any, index: np.ndarray) -> Any:
+        """The rows `index` of each batch-first tensor of a sequence or mapping."""
+        if isinstance(tensors, Mapping):
+            return {name: tf.gather(t, index) for name, t in tensors.items()}
+        return [
+            np.asarray(t)[index] if isinstance(t, np.ndarray) else tf.gather(t, index)
+            for t in tensors
+        ]
+
+    @staticmethod
+    def split_rows(tensor: Any, sizes: Sequence[int]) -> list[Any]:
+        """Consecutive blocks of `sizes` rows of a batch-first device tensor or array."""
+        if len(sizes) == 1:
+            return [tensor]
+        if isinstance(tensor, np.ndarray):
+            ends = np.cumsum(sizes)
+            return [tensor[end - size : end] for size, end in zip(sizes, ends, strict=True)]
+        return list(tf.split(tensor, list(sizes), axis=0))
+
+    @staticmethod
+    def concat_rows(parts: Sequence[Any]) -> Any:
+        """Row blocks (of one request split across device calls) joined back in order."""
+        if len(parts) == 1:
+            return parts[0]
+        if isinstance(parts[0], np.ndarray):
+            return np.concatenate(parts)
+        return tf.concat(list(parts), axis=0)
 
     def explain(self, inputs: Sequence[np.ndarray], options: ExplainOptions) -> ExplainResult:
         """Predictions and one map per grad modifier, for one request computed alone."""
@@ -318,7 +425,7 @@ class ModelRuntime:
 
     def backprop_modifiers(self) -> tuple[str, ...]:
         """The backprop modifiers this model can be explained with."""
-        return ()
+        return backprop.supported_modifiers(self)
 
     def count_trace(self) -> None:
         """Called by device functions while they are traced (tests count retraces)."""

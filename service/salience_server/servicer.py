@@ -6,6 +6,8 @@ them into statuses, so no method handles them itself.
 
 from __future__ import annotations
 
+import time
+
 from grpc import aio
 
 from salience.v1 import salience_pb2 as pb
@@ -13,6 +15,12 @@ from salience.v1 import salience_pb2_grpc
 from salience_server import convert
 from salience_server.core import InferenceCore
 from salience_server.explain.modifiers import GRAD_MODIFIERS
+
+
+def deadline(context: aio.ServicerContext) -> float | None:
+    """The caller's deadline as a `time.monotonic()` instant (None: it set none)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 class SalienceServicer(salience_pb2_grpc.SalienceServicer):
@@ -24,7 +32,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
     ) -> pb.PredictResponse:
         arrays = convert.request_inputs(request.inputs)
         runtime, outputs = await self.core.predict(
-            request.model.name, request.model.version, arrays
+            request.model.name, request.model.version, arrays, deadline(context)
         )
         return pb.PredictResponse(
             model=convert.model_spec(runtime), outputs=convert.output_tensors(runtime, outputs)
@@ -36,7 +44,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         arrays = convert.request_inputs(request.inputs)
         options = convert.explain_options(request.explanation)
         runtime, result = await self.core.explain(
-            request.model.name, request.model.version, arrays, options
+            request.model.name, request.model.version, arrays, options, deadline(context)
         )
         return convert.explain_response(runtime, result)
 

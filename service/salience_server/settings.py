@@ -27,6 +27,47 @@ class SettingsError(ValueError):
     """A setting has a value the server cannot start with."""
 
 
+# A device call pads at most 1/4 of its rows (see BatchingConfig.take).
+MAX_PADDING_DENOMINATOR = 4
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """How requests to one model are queued and merged into device calls.
+
+    One object per model, so that per-model configuration can set it later.
+    """
+
+    enabled: bool = True
+    # Samples per device call (requests are merged up to it, larger ones split).
+    max_device_batch_size: int = 32
+    # Seconds the oldest request of a forming batch may wait for company.
+    max_queue_delay: float = 0.0
+    # Sizes a device call is padded up to; sorted, the largest is max_device_batch_size.
+    buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    # Samples that may wait per model before requests are refused.
+    max_queue_size: int = 256
+
+    def bucket(self, rows: int) -> int:
+        """The padded size of a device call of `rows` samples."""
+        return next((b for b in self.buckets if b >= rows), rows)
+
+    def take(self, queued: int) -> int:
+        """How many of `queued` samples (at most a full call) the next device call takes.
+
+        All of them when padding them up to their bucket costs at most a quarter of
+        the call; otherwise the bucket below, and the rest wait for the next call,
+        where newcomers join them. So a device never computes mostly padding (17
+        samples are not padded to 32), and under steady load calls settle on
+        bucket sizes.
+        """
+        rows = min(queued, self.max_device_batch_size)
+        padded = self.bucket(rows)
+        if (padded - rows) * MAX_PADDING_DENOMINATOR <= padded:
+            return rows
+        return max((b for b in self.buckets if b <= rows), default=rows)
+
+
 def _doc(text: str, **extra: Any) -> Any:
     return {"help": text, **extra}
 
@@ -70,7 +111,46 @@ class Settings:
     )
     worker_threads: int = field(
         default=2,
-        metadata=_doc("Threads that run TensorFlow off the event loop"),
+        metadata=_doc(
+            "Threads that check and plan requests off the event loop (device calls run "
+            "on one thread per model)"
+        ),
+    )
+    batching: bool = field(
+        default=True,
+        metadata=_doc(
+            "Merge concurrent requests to one model into shared device calls (true/false); "
+            "off, every request is a device call of its own, still one at a time per model"
+        ),
+    )
+    max_device_batch_size: int = field(
+        default=32,
+        metadata=_doc(
+            "Most samples one device call computes: concurrent requests are merged up to "
+            "it, and a request larger than it is split across calls"
+        ),
+    )
+    max_queue_delay_ms: float = field(
+        default=0.0,
+        metadata=_doc(
+            "How long the oldest queued request may wait for others to join its batch "
+            "while the device is free, in milliseconds; 0 sends at once, and requests "
+            "that arrive during a device call form the next batch"
+        ),
+    )
+    batch_buckets: tuple[int, ...] = field(
+        default=(),
+        metadata=_doc(
+            "Batch sizes a device call is padded up to, comma-separated (such as 1,4,16,32); "
+            "empty means the powers of two up to max_device_batch_size"
+        ),
+    )
+    max_queue_size: int = field(
+        default=256,
+        metadata=_doc(
+            "Most samples waiting for the device per model; a request that does not fit "
+            "is refused at once with RESOURCE_EXHAUSTED (at least max_batch_size)"
+        ),
     )
     shutdown_grace_seconds: float = field(
         default=10.0,
@@ -79,6 +159,27 @@ class Settings:
     log_level: str = field(
         default="INFO", metadata=_doc("Logging level: DEBUG, INFO, WARNING or ERROR")
     )
+    plugins: tuple[str, ...] = field(
+        default=(),
+        metadata=_doc(
+            "Python modules imported at start-up, comma-separated, that register operator "
+            "grad and backprop modifiers (salience_server.plugins); a module that fails to "
+            "load stops start-up"
+        ),
+    )
+
+    def batching_for(self, model: str) -> BatchingConfig:
+        """The batching knobs of one model (the same for every model for now)."""
+        buckets = self.batch_buckets or tuple(
+            2**k for k in range(self.max_device_batch_size.bit_length())
+        )
+        return BatchingConfig(
+            enabled=self.batching,
+            max_device_batch_size=self.max_device_batch_size,
+            max_queue_delay=self.max_queue_delay_ms / 1000.0,
+            buckets=tuple(sorted({*buckets, self.max_device_batch_size})),
+            max_queue_size=self.max_queue_size,
+        )
 
     @property
     def limits(self) -> Limits:
@@ -110,9 +211,25 @@ class Settings:
             "max_samples",
             "max_steps",
             "worker_threads",
+            "max_device_batch_size",
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name}={getattr(self, name)} must be at least 1")
+        if not (0 <= self.max_queue_delay_ms <= 60_000):
+            raise SettingsError(
+                f"max_queue_delay_ms={self.max_queue_delay_ms} is out of range: use 0..60000"
+            )
+        bad = [b for b in self.batch_buckets if not 1 <= b <= self.max_device_batch_size]
+        if bad:
+            raise SettingsError(
+                f"batch_buckets has {bad[0]}, outside 1..max_device_batch_size="
+                f"{self.max_device_batch_size}"
+            )
+        if self.max_queue_size < self.max_batch_size:
+            raise SettingsError(
+                f"max_queue_size={self.max_queue_size} is below max_batch_size="
+                f"{self.max_batch_size}: the largest request would never fit in the queue"
+            )
         if self.shutdown_grace_seconds < 0:
             raise SettingsError(
                 f"shutdown_grace_seconds={self.shutdown_grace_seconds} must not be negative"
@@ -121,6 +238,12 @@ class Settings:
             raise SettingsError(
                 f"log_level={self.log_level!r} is not one of DEBUG, INFO, WARNING, ERROR"
             )
+        for module in self.plugins:
+            if not all(part.isidentifier() for part in module.split(".")):
+                raise SettingsError(
+                    f"plugins has {module!r}, which is not a Python module name "
+                    "(dotted identifiers, such as mycompany.salience_modifiers)"
+                )
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -158,10 +281,27 @@ class Settings:
         return cls(**values)
 
 
+BOOLEANS = {"true": True, "1": True, "on": True, "false": False, "0": False, "off": False}
+
+
 def _parse(f: dataclasses.Field[Any], raw: Any, source: str) -> Any:
     if not isinstance(raw, str):
         return raw
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if kind == "bool":
+        value = BOOLEANS.get(raw.strip().lower())
+        if value is None:
+            raise SettingsError(f"{source}={raw!r} is not a boolean: use true or false")
+        return value
+    if kind.startswith("tuple[str"):
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    if kind.startswith("tuple[int"):
+        try:
+            return tuple(int(part) for part in raw.split(",") if part.strip())
+        except ValueError:
+            raise SettingsError(
+                f"{source}={raw!r} is not a comma-separated list of integers"
+            ) from None
     try:
         if kind.startswith("Path"):
             return Path(raw).expanduser() if raw else None

@@ -14,7 +14,7 @@ from salience.v1 import salience_pb2 as pb
 from salience.v1 import salience_pb2_grpc
 from salience_client import tensors
 from salience_client.client import Objective, explanation_request
-from tests.integration.models import LINEAR_SHAPE, build_repository
+from tests.integration.models import LINEAR_SHAPE, SMOOTH_SHAPE, build_repository
 
 MAX_BATCH = 8
 MAX_MESSAGE = 4 * 1024 * 1024
@@ -213,18 +213,18 @@ CASES: list[tuple[str, str, Callable[[], Any], grpc.StatusCode, list[str]]] = [
         ["method='lime'", "'vanilla'", "'gradcam'"],
     ),
     (
-        "later method",
+        "method the model cannot support",
         "Explain",
-        lambda: explain(method="smoothgrad"),
-        grpc.StatusCode.UNIMPLEMENTED,
-        ["method='smoothgrad' is not implemented", "'vanilla'"],
+        lambda: explain(method="gradcam"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        ["method='gradcam' cannot explain model 'linear'", "spatial extent larger than 1×1"],
     ),
     (
-        "later backprop modifier",
+        "backprop modifier the model cannot take",
         "Explain",
-        lambda: with_explanation(backprop_modifier="guided"),
-        grpc.StatusCode.UNIMPLEMENTED,
-        ["backprop_modifier='guided'"],
+        lambda: explain(model="smooth", x=np.zeros((1, *SMOOTH_SHAPE)), backprop_modifier="guided"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        ["backprop_modifier='guided' cannot be used", "'conv2' (activation 'softplus')"],
     ),
     (
         "unknown backprop modifier",
@@ -234,11 +234,11 @@ CASES: list[tuple[str, str, Callable[[], Any], grpc.StatusCode, list[str]]] = [
         ["backprop_modifier='x'", "'rectified'"],
     ),
     (
-        "wrt",
+        "wrt a layer the target does not depend on",
         "Explain",
-        lambda: with_explanation(wrt="flatten"),
-        grpc.StatusCode.UNIMPLEMENTED,
-        ["explanation.wrt"],
+        lambda: explain(layer="flatten", wrt="logits"),
+        INVALID,
+        ["explanation.wrt.name='logits'", "does not depend", "choose one of 'x', 'flatten'"],
     ),
     (
         "uint8 raw",

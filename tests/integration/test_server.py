@@ -72,15 +72,15 @@ def test_shutdown_lets_in_flight_calls_finish_then_refuses_new_ones(repo: Path) 
     context = running_server(repo)
     running = context.__enter__()
     runtime = running.server.core.repository.get("linear")
-    original = runtime.explain
+    original = runtime.compute
     started = threading.Event()
 
-    def slow_explain(*args: Any, **kwargs: Any) -> Any:
+    def slow_compute(*args: Any, **kwargs: Any) -> Any:
         started.set()
         time.sleep(1.0)
         return original(*args, **kwargs)
 
-    runtime.explain = slow_explain  # type: ignore[method-assign]
+    runtime.compute = slow_compute  # type: ignore[method-assign]
     results: dict[str, Any] = {}
     client = running.client()
 

@@ -46,6 +46,12 @@ class Limits:
     max_objectives: int = 16
     max_samples: int = 128
     max_steps: int = 512
+    # The caps above that a model's configuration lowered (messages name their owner).
+    model_caps: frozenset[str] = frozenset()
+
+    def whose(self, cap: str) -> str:
+        """Who set the cap named `cap`, for messages: "the model's" or "the server's"."""
+        return "the model's" if cap in self.model_caps else "the server's"
 
 
 LayerSelector = str | int | None
@@ -88,6 +94,9 @@ class ExplainOptions:
     noise: float | None = None  # None: DEFAULT_NOISE
     steps: int = 0  # 0: DEFAULT_STEPS
     baseline: np.ndarray | None = None  # one sample or one per sample; None: zeros
+    # The fields above the request left unset (their defaults were filled in), so a
+    # model's configured defaults can take their place (model_config.ExplainDefaults).
+    unset: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,7 @@ def plan_targets(
     """
     index = input_index(runtime, options)
     targets, weights, objectives = runtime.resolver.resolve(
-        options.objectives, options.keep_activation
+        options.objectives, options.keep_activation, options.output_name
     )
     params = {weight_key(k): per_sample(w, batch) for k, w in enumerate(weights)}
     p = post(method, options)
@@ -90,6 +90,7 @@ def plan_targets(
         input_name=runtime.inputs[index].name,
         channels_reduced=not options.keepdims and rank >= 3,
         seed=options.seed,
+        output_name=runtime.resolver.output_name(options.output_name),
     )
     return Plan(
         graph=Graph(method=method.name, targets=targets, input_index=index, **graph),

@@ -4,6 +4,10 @@
 over the resolved targets `a_t`, in inference mode. Differentiating the batch sum
 of per-sample scores gives every sample its own gradient, so a map never depends on
 the batch it was computed in.
+
+With a backprop modifier the gradient passes through the model's ReLUs by its rule
+(`explain.backprop`); with `wrt` it is taken with respect to that layer's output and
+has its shape (`explain.wrt`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import tensorflow as tf
 
+from salience_server.explain import backprop
 from salience_server.explain.engine import DeviceFunction, Graph, Method, Plan, RawTensors
 from salience_server.explain.methods import common
 from salience_server.explain.options import VANILLA, ExplainOptions
@@ -25,13 +30,17 @@ class Vanilla(Method):
     name = VANILLA
 
     def plan(self, runtime: ModelRuntime, options: ExplainOptions, batch: int) -> Plan:
-        return common.plan_targets(runtime, self, options, batch)
+        return backprop.plan_gradient(runtime, self, options, batch)
 
     def build(
         self, runtime: ModelRuntime, graph: Graph, param_specs: dict[str, tf.TensorSpec]
     ) -> DeviceFunction:
-        model = common.explain_model(runtime, graph.targets)
+        # The wrt layer's output is an extra output of the explain model: the same
+        # tensor the targets are computed from, so the tape differentiates through it.
+        extra = () if graph.wrt is None else (graph.wrt,)
+        model = backprop.explain_model(runtime, graph, extra)
         n_targets = len(graph.targets)
+        n_head = n_targets + len(extra)
         explained = graph.input_index
 
         @tf.function(input_signature=[runtime.input_specs, param_specs])
@@ -40,16 +49,22 @@ class Vanilla(Method):
             x = inputs[explained]
             with tf.GradientTape() as tape:
                 tape.watch(x)
+                if extra:
+                    # A wrt layer may sit on another input's branch: record that too.
+                    for k, t in enumerate(inputs):
+                        if k != explained and t.dtype.is_floating:
+                            tape.watch(t)
                 feed = list(inputs)
                 feed[explained] = x
                 results = model(feed if len(feed) > 1 else feed[0], training=False)
                 results = results if isinstance(results, list | tuple) else [results]
                 score = tf.reduce_sum(common.per_sample_score(results[:n_targets], params))
-            grads = tape.gradient(score, x)
+            source = results[n_targets] if extra else x
+            grads = tape.gradient(score, source)
             if grads is None:
                 # The score does not depend on this input at all: its gradient is zero.
-                grads = tf.zeros_like(x)
-            return tuple(results[n_targets:]), {"grads": tf.cast(grads, tf.float32)}
+                grads = tf.zeros_like(source)
+            return tuple(results[n_head:]), {"grads": tf.cast(grads, tf.float32)}
 
         return gradients
 

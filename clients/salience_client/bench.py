@@ -1,0 +1,323 @@
+"""`salience bench`: a load generator that measures a server's throughput and latency.
+
+    salience bench --model shapes --rpc explain --concurrency 32 --duration 20
+    salience bench --model shapes --rate 200 --requests 2000 --json cat.png
+
+Closed loop (the default): `--concurrency` callers each send their next request as
+soon as the previous one is answered. Open loop (`--rate R`): a request starts
+every 1/R seconds whatever happens to the earlier ones, and its latency counts
+from when it was due, so a server that falls behind shows it in the tail instead
+of slowing the generator down with it.
+
+The generator must never be what limits the figures: requests are serialised once
+before the run and sent as bytes over one `grpc.aio` channel, responses are
+counted, not decoded, and no thread is involved — one event loop keeps 32 calls in
+flight with a fraction of a core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc import aio
+
+from salience.v1 import salience_pb2 as pb
+from salience_client import tensors
+from salience_client.client import DEFAULT_MAX_MESSAGE_BYTES, explanation_request
+
+PREDICT = "predict"
+EXPLAIN = "explain"
+RPCS = (PREDICT, EXPLAIN)
+METHODS = {PREDICT: "/salience.v1.Salience/Predict", EXPLAIN: "/salience.v1.Salience/Explain"}
+# Distinct requests cycled through; enough that no cache could notice repeats.
+DISTINCT_REQUESTS = 16
+PROGRESS_SECONDS = 0.25
+
+
+@dataclass(frozen=True)
+class Load:
+    """What to send, how hard, and for how long (one of duration or requests)."""
+
+    target: str
+    rpc: str
+    payloads: Sequence[bytes]
+    samples_per_request: int = 1
+    concurrency: int = 1
+    duration: float | None = None
+    requests: int | None = None
+    rate: float | None = None
+    timeout: float = 60.0
+    warmup: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rpc not in RPCS:
+            raise ValueError(f"rpc={self.rpc!r} is not one of {', '.join(RPCS)}")
+        if (self.duration is None) == (self.requests is None):
+            raise ValueError("give exactly one of duration and requests")
+        if not self.payloads:
+            raise ValueError("no request to send")
+
+
+@dataclass
+class BenchResult:
+    """Figures of one run; latencies in seconds, of answered requests of any status."""
+
+    rpc: str
+    concurrency: int
+    rate: float | None
+    samples_per_request: int
+    elapsed: float
+    latencies: list[float] = field(default_factory=list)
+    ok_latencies: list[float] = field(default_factory=list)
+    codes: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def requests(self) -> int:
+        return sum(self.codes.values())
+
+    @property
+    def ok(self) -> int:
+        return self.codes.get(grpc.StatusCode.OK.name, 0)
+
+    def summary(self) -> dict[str, Any]:
+        """The figures as JSON-ready values (`salience bench --json`)."""
+        elapsed = max(self.elapsed, 1e-9)
+        lat = np.asarray(self.ok_latencies, dtype=np.float64) * 1000.0
+
+        def pct(q: float) -> float | None:
+            return round(float(np.percentile(lat, q)), 3) if lat.size else None
+
+        return {
+            "rpc": self.rpc,
+            "concurrency": self.concurrency,
+            "rate": self.rate,
+            "batch": self.samples_per_request,
+            "duration_s": round(self.elapsed, 3),
+            "requests": self.requests,
+            "ok": self.ok,
+            "samples": self.ok * self.samples_per_request,
+            "requests_per_s": round(self.ok / elapsed, 3),
+            "samples_per_s": round(self.ok * self.samples_per_request / elapsed, 3),
+            "latency_ms": {
+                "p50": pct(50),
+                "p90": pct(90),
+                "p99": pct(99),
+                "max": round(float(lat.max()), 3) if lat.size else None,
+                "mean": round(float(lat.mean()), 3) if lat.size else None,
+            },
+            "errors": {
+                code: n for code, n in sorted(self.codes.items()) if code != grpc.StatusCode.OK.name
+            },
+        }
+
+    def format(self) -> list[str]:
+        """The figures for a person."""
+        s = self.summary()
+        lat = s["latency_ms"]
+        mode = f"open loop at {self.rate:g}/s" if self.rate else f"concurrency {self.concurrency}"
+        lines = [
+            f"{s['rpc']}: {s['requests']} requests in {s['duration_s']:.2f} s ({mode}, "
+            f"{self.samples_per_request} sample{'s' if self.samples_per_request != 1 else ''} "
+            "per request)",
+            f"throughput  {s['requests_per_s']:.1f} requests/s, {s['samples_per_s']:.1f} samples/s"
+            f" ({s['ok']} ok)",
+        ]
+        if lat["p50"] is not None:
+            lines.append(
+                f"latency ms  p50 {lat['p50']:.2f}  p90 {lat['p90']:.2f}  p99 {lat['p99']:.2f}  "
+                f"max {lat['max']:.2f}"
+            )
+        else:
+            lines.append("latency ms  no request succeeded")
+        errors = s["errors"]
+        if errors:
+            lines.append("errors      " + ", ".join(f"{code} {n}" for code, n in errors.items()))
+        else:
+            lines.append("errors      none")
+        return lines
+
+
+# Requests ------------------------------------------------------------------------
+
+
+def random_samples(dtype: np.dtype, shape: Sequence[int], count: int, seed: int = 0) -> np.ndarray:
+    """`count` samples: floats uniform in [0, 1), uint8 in 0..255, other integers 0 or 1."""
+    rng = np.random.default_rng(seed)
+    full = (count, *shape)
+    if dtype.kind == "f":
+        return rng.random(full, dtype=np.float64).astype(dtype)
+    if dtype == np.uint8:
+        return rng.integers(0, 256, full).astype(dtype)
+    if dtype.kind in "iub":
+        return rng.integers(0, 2, full).astype(dtype)
+    raise ValueError(f"cannot make random samples of dtype {dtype}")
+
+
+def payloads(
+    rpc: str,
+    model: str,
+    samples: np.ndarray,
+    batch: int,
+    *,
+    version: int = 0,
+    options: dict[str, Any] | None = None,
+    distinct: int = DISTINCT_REQUESTS,
+) -> list[bytes]:
+    """Serialised requests of `batch` consecutive samples each, cycling over `samples`."""
+    n = len(samples)
+    count = max(1, min(distinct, math.ceil(n / batch)))
+    out = []
+    for k in range(count):
+        rows = samples[[(k * batch + j) % n for j in range(batch)]]
+        if rpc == PREDICT:
+            request: Any = pb.PredictRequest(
+                model=pb.ModelSpec(name=model, version=version), inputs=[tensors.encode(rows)]
+            )
+        else:
+            request = explanation_request(model, rows, version=version, **(options or {}))
+        out.append(request.SerializeToString())
+    return out
+
+
+# The load ------------------------------------------------------------------------
+
+
+def _code(err: BaseException) -> str:
+    if isinstance(err, aio.AioRpcError):
+        return str(err.code().name)
+    if isinstance(err, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED.name
+    return grpc.StatusCode.UNKNOWN.name
+
+
+class _Progress:
+    """A tqdm bar on stderr, updated a few times a second (never per request)."""
+
+    def __init__(self, load: Load, enabled: bool) -> None:
+        self._bar: Any = None
+        if enabled:
+            from tqdm import tqdm
+
+            if load.requests is not None:
+                self._bar = tqdm(total=load.requests, unit="req", disable=None, leave=False)
+            else:
+                self._bar = tqdm(
+                    total=round(load.duration or 0, 1),
+                    unit="s",
+                    disable=None,
+                    leave=False,
+                    bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s {postfix}",
+                )
+        self._by_requests = load.requests is not None
+
+    def update(self, done: int, errors: int, elapsed: float) -> None:
+        bar = self._bar
+        if bar is None:
+            return
+        bar.n = done if self._by_requests else min(round(elapsed, 1), bar.total)
+        bar.set_postfix_str(f"{done} done, {errors} errors", refresh=False)
+        bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+async def _run(load: Load, progress: bool) -> BenchResult:
+    options = [
+        ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+    ]
+    async with aio.insecure_channel(load.target, options=options) as channel:
+        # No serialisers: the payloads are bytes already, and answers stay bytes.
+        call = channel.unary_unary(METHODS[load.rpc])
+        result = BenchResult(
+            rpc=load.rpc,
+            concurrency=load.concurrency,
+            rate=load.rate,
+            samples_per_request=load.samples_per_request,
+            elapsed=0.0,
+        )
+        payloads = load.payloads
+
+        async def send(k: int, due: float, record: bool) -> None:
+            try:
+                await call(payloads[k % len(payloads)], timeout=load.timeout)
+                code = grpc.StatusCode.OK.name
+            except (TimeoutError, aio.AioRpcError) as err:
+                code = _code(err)
+            if record:
+                latency = time.perf_counter() - due
+                result.latencies.append(latency)
+                if code == grpc.StatusCode.OK.name:
+                    result.ok_latencies.append(latency)
+                result.codes[code] += 1
+
+        if load.warmup:
+            await asyncio.gather(*(send(k, time.perf_counter(), False) for k in range(load.warmup)))
+
+        bar = _Progress(load, progress)
+        start = time.perf_counter()
+        end = start + load.duration if load.duration is not None else math.inf
+        limit = load.requests if load.requests is not None else math.inf
+        started = 0
+
+        async def ticker() -> None:
+            while True:
+                bar.update(
+                    result.requests, result.requests - result.ok, time.perf_counter() - start
+                )
+                await asyncio.sleep(PROGRESS_SECONDS)
+
+        ticking = asyncio.create_task(ticker())
+        try:
+            if load.rate:
+                interval = 1.0 / load.rate
+                tasks: set[asyncio.Task[None]] = set()
+                while started < limit:
+                    due = start + started * interval
+                    if due >= end:
+                        break
+                    delay = due - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    task = asyncio.create_task(send(started, due, True))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                    started += 1
+                if tasks:
+                    await asyncio.gather(*tasks)
+            else:
+
+                async def caller() -> None:
+                    nonlocal started
+                    while started < limit and time.perf_counter() < end:
+                        k = started
+                        started += 1
+                        await send(k, time.perf_counter(), True)
+
+                await asyncio.gather(*(caller() for _ in range(load.concurrency)))
+        finally:
+            result.elapsed = time.perf_counter() - start
+            ticking.cancel()
+            bar.update(result.requests, result.requests - result.ok, result.elapsed)
+            bar.close()
+        return result
+
+
+def run(load: Load, progress: bool = True) -> BenchResult:
+    """Runs a load to its end and returns its figures (blocking)."""
+    return asyncio.run(_run(load, progress))
+
+
+async def run_async(load: Load, progress: bool = False) -> BenchResult:
+    """`run` for callers that already have an event loop."""
+    return await _run(load, progress)

@@ -1,0 +1,113 @@
+"""Gradients at many modified copies of every sample, in bounded chunks on the device.
+
+SmoothGrad (noisy copies) and Integrated Gradients (points on a straight path)
+both need `∂s/∂x` at `K` modified copies of each of the `B` samples of a batch.
+The `B·K` copies run as batches of the model, never one by one, but in chunks of
+about `CHUNK_ROWS` rows, so that device memory stays bounded whatever `K` and `B`
+are: a chunk holds `max(1, CHUNK_ROWS // B)` copies of every sample. The chunks
+run inside one `tf.while_loop` of the compiled function, and each chunk's
+gradients are folded into per-sample accumulators straight away, so the `B·K`
+per-copy gradients never exist at once.
+
+What a copy is (`Perturb`) and how its gradient is folded in (`Contribute`) belong
+to the method. For every row of a chunk they get the index of its sample (only to
+gather that sample's own params) and of its copy: a copy must be a function of the
+sample's own data and params and the copy index alone, never of the sample's
+position in the merged batch, so that a result does not depend on what the sample
+was batched with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import keras
+import tensorflow as tf
+
+from salience_server.explain.methods import common
+
+# Rows (copies x samples) of one chunk. A 224x224 ResNet-50 backward pass over
+# 128 rows needs a few GiB; larger batches only amortise kernel launches further.
+CHUNK_ROWS = 128
+
+Perturb = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor]
+"""(explained input rows, sample index per row, copy index per row) → copy rows."""
+
+Contribute = Callable[[tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]
+"""(float32 gradients shaped (copies, B, ...), copy indices (copies,)) → per-sample
+terms shaped (B, ...) to add to the accumulators of the same names."""
+
+
+def call_model(model: keras.Model, feed: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    """The explain model's outputs as a list, for one or several inputs."""
+    results = model(list(feed) if len(feed) > 1 else feed[0], training=False)
+    return list(results) if isinstance(results, list | tuple) else [results]
+
+
+def score_weights(params: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """The per-sample objective weights among a function's params."""
+    return {key: value for key, value in params.items() if key.startswith(common.WEIGHTS)}
+
+
+def sum_over_copies(
+    model: keras.Model,
+    inputs: Sequence[tf.Tensor],
+    explained: int,
+    n_targets: int,
+    params: Mapping[str, tf.Tensor],
+    copies: int,
+    perturb: Perturb,
+    contribute: Contribute,
+    totals: dict[str, tf.Tensor],
+) -> dict[str, tf.Tensor]:
+    """Adds `contribute(∂s/∂copy)` over `copies` copies of every sample to `totals`.
+
+    `model` is an explain model (`[*targets, *outputs]`), `params` holds the
+    per-sample objective weights, `totals` the per-sample accumulators (B, ...).
+    """
+    x = inputs[explained]
+    batch = tf.shape(x)[0]
+    per_chunk = tf.maximum(1, CHUNK_ROWS // tf.maximum(batch, 1))
+    samples = tf.range(batch)
+    weights = score_weights(params)
+    keys = sorted(totals)
+
+    def body(start: tf.Tensor, *acc: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        count = tf.minimum(per_chunk, copies - start)
+        copy_index = start + tf.range(count)
+        # Copy-major rows: row i*B + b is copy start+i of sample b.
+        row_copy = tf.repeat(copy_index, batch)
+        row_sample = tf.tile(samples, [count])
+        feed = [tf.gather(t, row_sample) for t in inputs]
+        rows = perturb(feed[explained], row_sample, row_copy)
+        row_weights = {key: tf.gather(w, row_sample) for key, w in weights.items()}
+        with tf.GradientTape() as tape:
+            tape.watch(rows)
+            feed[explained] = rows
+            results = call_model(model, feed)
+            score = tf.reduce_sum(common.per_sample_score(results[:n_targets], row_weights))
+        grads = tape.gradient(score, rows)
+        if grads is None:
+            # The score does not depend on this input at all: its gradient is zero.
+            grads = tf.zeros_like(rows)
+        grads = tf.cast(grads, tf.float32)
+        shaped = tf.reshape(grads, tf.concat([[count, batch], tf.shape(grads)[1:]], axis=0))
+        shaped.set_shape([None, None, *grads.shape[1:]])
+        added = contribute(shaped, copy_index)
+        return (start + count, *(a + added[key] for a, key in zip(acc, keys, strict=True)))
+
+    result = tf.while_loop(
+        lambda start, *_: start < copies,
+        body,
+        (tf.constant(0), *(totals[key] for key in keys)),
+        shape_invariants=(
+            tf.TensorShape([]),
+            *(tf.TensorShape([None, *totals[key].shape[1:]]) for key in keys),
+        ),
+    )
+    return dict(zip(keys, result[1:], strict=True))
+
+
+def zeros_like_float(x: tf.Tensor) -> tf.Tensor:
+    """A float32 accumulator shaped like `x` (batch first)."""
+    return tf.zeros_like(x, dtype=tf.float32)
