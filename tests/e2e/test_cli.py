@@ -239,6 +239,56 @@ def test_explain_normalised_absolute_and_weighted_objectives(served: Served) -> 
         np.testing.assert_allclose(saved["saliency"][0], want, rtol=1e-5, atol=1e-6)
 
 
+def test_explain_method_options_reach_the_server(
+    served: Served, inputs: dict[str, np.ndarray]
+) -> None:
+    # Integrated Gradients of a linear score from a zero baseline is exactly x ⊙ w,
+    # and its completeness residual is zero.
+    served.ok(
+        "explain", "--target", served.target, "--model", "linear", "--layer", "logits",
+        "--filter-indices", "3", "--method", "integrated-gradients", "--steps", "4",
+        "--grad-modifier", "none", "--keepdims", "--no-normalize", "--out", "ig.npz",
+        "one.npy",
+    )  # fmt: skip
+    x = inputs["one.npy"].astype(np.float32).astype(np.float64)
+    w = served.gradient(3)
+    with np.load(served.workdir / "ig.npz") as saved:
+        np.testing.assert_allclose(saved["saliency"][0], x * w, rtol=1e-4, atol=1e-5)
+        score = float((x * w).sum())
+        np.testing.assert_allclose(saved["score_difference"], [score], rtol=1e-4, atol=1e-4)
+        assert abs(float(saved["completeness_residual"][0])) < 1e-3 * max(1.0, abs(score))
+
+    # SmoothGrad of a linear score is |w| whatever the noise: the options must parse
+    # and a fixed seed must reproduce the map bit for bit.
+    args = (
+        "explain", "--target", served.target, "--model", "linear", "--layer", "logits",
+        "--filter-indices", "0", "--method", "smoothgrad", "--samples", "3", "--noise",
+        "0.5", "--seed", "42", "--no-normalize",
+    )  # fmt: skip
+    served.ok(*args, "--out", "sg1.npz", "pair.npy")
+    served.ok(*args, "--out", "sg2.npz", "pair.npy")
+    with np.load(served.workdir / "sg1.npz") as one, np.load(served.workdir / "sg2.npz") as two:
+        np.testing.assert_array_equal(one["saliency"], two["saliency"])
+        want = np.abs(served.gradient(0)).max(-1)
+        np.testing.assert_allclose(one["saliency"][1], want, rtol=1e-4, atol=1e-6)
+
+    # A CAM method on a model without spatial layers: status and message, exit 1.
+    done = served.run(
+        "explain", "--target", served.target, "--model", "linear", "--method", "gradcam",
+        "--out", "cam.npz", "one.npy",
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "FAILED_PRECONDITION" in done.stderr
+    assert "gradcam" in done.stderr
+    # A malformed option value is a usage error, caught before any call.
+    done = served.run(
+        "explain", "--target", served.target, "--model", "linear", "--samples", "-3",
+        "--out", "x.npz", "one.npy",
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "--samples" in done.stderr
+
+
 def test_explain_to_a_directory_writes_overlays(
     served: Served, inputs: dict[str, np.ndarray]
 ) -> None:
