@@ -43,8 +43,14 @@ class RunningServer:
 
 
 @contextmanager
-def running_server(repository: Path | None, **settings: Any) -> Iterator[RunningServer]:
-    """Starts a real server on a free port in a background thread; stops it after."""
+def running_server(
+    repository: Path | None, *, wait_ready: bool = True, **settings: Any
+) -> Iterator[RunningServer]:
+    """Starts a real server on a free port in a background thread; stops it after.
+
+    With `wait_ready` (the default) it yields once the models are loaded and warmed
+    up (health SERVING), so no test races the start-up.
+    """
     from prometheus_client import CollectorRegistry
 
     from salience_server.app import SalienceServer
@@ -57,8 +63,16 @@ def running_server(repository: Path | None, **settings: Any) -> Iterator[Running
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="test-server-loop", daemon=True)
     thread.start()
-    port = asyncio.run_coroutine_threadsafe(server.start(), loop).result(300)
     try:
+        port = asyncio.run_coroutine_threadsafe(server.start(), loop).result(300)
+    except BaseException:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+        raise
+    try:
+        if wait_ready:
+            asyncio.run_coroutine_threadsafe(server.wait_ready(), loop).result(300)
         yield RunningServer(server, loop, port)
     finally:
         asyncio.run_coroutine_threadsafe(server.stop(grace=1.0), loop).result(60)

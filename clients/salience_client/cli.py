@@ -54,6 +54,8 @@ OUTPUT_DTYPES = ("float32", "float16", "uint8")
 IMAGE_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 OBJECTIVE_FORMAT = "LAYER:I[,I...][:WEIGHT]"
 DEFAULT_BENCH_SECONDS = 10.0
+# Class labels `salience models` prints per output before shortening the list.
+LABELS_SHOWN = 8
 
 
 class UsageError(Exception):
@@ -298,7 +300,8 @@ def explanation_options(args: argparse.Namespace) -> dict[str, Any]:
         "objectives": args.objectives or (),
         "grad_modifiers": args.grad_modifiers or (),
         "keepdims": args.keepdims,
-        "normalize": not args.no_normalize,
+        # Unset unless turned off, so a model's configured default applies.
+        "normalize": False if args.no_normalize else None,
         "keep_activation": args.keep_activation,
         "output_dtype": args.output_dtype,
         "backprop_modifier": args.backprop_modifier,
@@ -700,7 +703,19 @@ def _shape(values: Sequence[int]) -> list[int | None]:
 
 
 def _spec_json(spec: pb.TensorSpec) -> dict[str, Any]:
-    return {"name": spec.name, "dtype": tensors.dtype_name(spec.dtype), "shape": _shape(spec.shape)}
+    found: dict[str, Any] = {
+        "name": spec.name,
+        "dtype": tensors.dtype_name(spec.dtype),
+        "shape": _shape(spec.shape),
+    }
+    if spec.labels:
+        found["labels"] = list(spec.labels)
+    return found
+
+
+def version_state(status: pb.VersionStatus) -> str:
+    """`loading`, `ready`, `failed` or `unloading`."""
+    return pb.VersionState.Name(status.state).removeprefix("VERSION_STATE_").lower()
 
 
 def models_json(models: Sequence[pb.ModelMetadata]) -> list[dict[str, Any]]:
@@ -713,6 +728,10 @@ def models_json(models: Sequence[pb.ModelMetadata]) -> list[dict[str, Any]]:
             "inputs": [_spec_json(s) for s in m.inputs],
             "outputs": [_spec_json(s) for s in m.outputs],
             "max_batch_size": int(m.max_batch_size),
+            "version_status": [
+                {"version": int(s.version), "state": version_state(s), "reason": s.reason}
+                for s in m.version_status
+            ],
         }
         for m in models
     ]
@@ -724,13 +743,23 @@ def format_models(models: Sequence[pb.ModelMetadata]) -> list[str]:
     for m in models:
         versions = ", ".join(str(v) for v in m.versions)
         lines.append(f"{m.name}  version {m.version} (served: {versions})")
+        # Versions that are not simply served: loading, unloading, or failed with why.
+        for status in m.version_status:
+            if status.state == pb.VERSION_STATE_READY and not status.reason:
+                continue
+            which = f"version {status.version}" if status.version else "config.toml"
+            line = f"  {which}: {version_state(status)}"
+            lines.append(line + (f": {status.reason}" if status.reason else ""))
         rows = [("input", s) for s in m.inputs] + [("output", s) for s in m.outputs]
         width = max((len(s.name) for _, s in rows), default=0)
         for kind, s in rows:
             shape = ", ".join("N" if d is None else str(d) for d in _shape(s.shape))
-            lines.append(
-                f"  {kind:<6} {s.name:<{width}}  {tensors.dtype_name(s.dtype):<7}  [{shape}]"
-            )
+            line = f"  {kind:<6} {s.name:<{width}}  {tensors.dtype_name(s.dtype):<7}  [{shape}]"
+            if s.labels:
+                shown = ", ".join(s.labels[:LABELS_SHOWN])
+                more = len(s.labels) - LABELS_SHOWN
+                line += f"  labels: {shown}" + (f", … ({more} more)" if more > 0 else "")
+            lines.append(line)
     if not models:
         lines.append("no models served")
     return lines
@@ -747,8 +776,15 @@ def softmax_like(values: np.ndarray) -> bool:
     )
 
 
-def format_predictions(outputs: dict[str, np.ndarray], labels: Sequence[str]) -> list[str]:
-    """One line per sample and output; a probability output also names its arg-max."""
+def format_predictions(
+    outputs: dict[str, np.ndarray],
+    labels: Sequence[str],
+    class_labels: Sequence[str] = (),
+    labelled_output: str = "",
+) -> list[str]:
+    """One line per sample and output; a probability output also names its arg-max,
+    and the labelled output (`labelled_output`) each sample's class label.
+    """
     lines = []
     for k, label in enumerate(labels):
         for name, values in outputs.items():
@@ -765,6 +801,8 @@ def format_predictions(outputs: dict[str, np.ndarray], labels: Sequence[str]) ->
             if softmax_like(values):
                 top = int(np.argmax(sample))
                 line += f"  argmax {top} ({float(sample[top]):.4f})"
+            if name == labelled_output and k < len(class_labels):
+                line += f"  label {class_labels[k]!r}"
             lines.append(line)
     return lines
 
@@ -887,13 +925,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
         _check_npz(args.out)
     check_readable(args.inputs)
     with _client(args) as client:
-        batch = load_inputs(args.inputs, client.metadata(args.model, version=args.version))
+        metadata = client.metadata(args.model, version=args.version)
+        batch = load_inputs(args.inputs, metadata)
         prediction = client.predict(args.model, batch.array, version=args.version)
     if args.out is not None:
         print(write_npz(args.out, output_arrays(prediction.outputs)))
     else:
         print(f"model {args.model} version {prediction.model_version}")
-        _print_lines(format_predictions(prediction.outputs, batch.labels()))
+        labelled = next((s.name for s in metadata.outputs if s.labels), "")
+        _print_lines(
+            format_predictions(prediction.outputs, batch.labels(), prediction.labels, labelled)
+        )
     return EXIT_OK
 
 
@@ -1025,7 +1067,7 @@ def cmd_serve(argv: Sequence[str]) -> int:
         return EXIT_FAILURE
     try:
         serve(settings)
-    except (RepositoryError, PluginError, OSError) as err:
+    except (RepositoryError, PluginError, SettingsError, OSError) as err:
         print(f"salience serve: error: {err}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK

@@ -61,10 +61,15 @@ class Objective:
 
 @dataclass(frozen=True)
 class Prediction:
-    """The model's outputs by output name, and the version that computed them."""
+    """The model's outputs by output name, and the version that computed them.
+
+    `labels`: per sample, the name of its predicted class, when the model's
+    configuration names its classes (else empty).
+    """
 
     outputs: dict[str, np.ndarray]
     model_version: int
+    labels: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,8 @@ class Explanation:
     # and s(x) - s(x'). None for the other methods.
     completeness_residual: np.ndarray | None = None
     score_difference: np.ndarray | None = None
+    # Per sample, the name of its predicted class when the model names its classes.
+    labels: list[str] = field(default_factory=list)
 
     @property
     def predictions(self) -> np.ndarray:
@@ -113,9 +120,9 @@ def explanation_request(
     objectives: Sequence[Objective] = (),
     grad_modifiers: Sequence[str] = (),
     keepdims: bool = False,
-    normalize: bool = True,
+    normalize: bool | None = None,
     keep_activation: bool = False,
-    output_dtype: str = "float32",
+    output_dtype: str | None = None,
     input_name: str = "",
     seed: int | None = None,
     backprop_modifier: str = "",
@@ -130,12 +137,13 @@ def explanation_request(
     """Builds an ExplainRequest; `layer`/`filter_indices` is shorthand for one objective.
 
     Unset options take the server's documented defaults (see the README's option
-    table): `samples`/`noise` are SmoothGrad's, `steps`/`baseline` Integrated
-    Gradients', `penultimate_layer` the CAM methods'.
+    table), or those of the model's configuration: `samples`/`noise` are SmoothGrad's,
+    `steps`/`baseline` Integrated Gradients', `penultimate_layer` the CAM methods';
+    `normalize` None means true, `output_dtype` None float32.
     """
     if objectives and (layer is not None or filter_indices):
         raise ValueError("give either objectives or layer/filter_indices, not both")
-    if output_dtype not in tensors.DTYPES_BY_NAME:
+    if output_dtype is not None and output_dtype not in tensors.DTYPES_BY_NAME:
         raise ValueError(f"output_dtype={output_dtype!r} is unknown: use float32, float16 or uint8")
     chosen = list(objectives)
     if not chosen and (layer is not None or filter_indices):
@@ -145,15 +153,16 @@ def explanation_request(
         objectives=[o.to_proto() for o in chosen],
         grad_modifiers=list(grad_modifiers),
         keepdims=keepdims,
-        normalize=normalize,
         keep_activation=keep_activation,
-        output_dtype=tensors.DTYPES_BY_NAME[output_dtype],
+        output_dtype=tensors.DTYPES_BY_NAME[output_dtype] if output_dtype else None,
         input=input_name,
         backprop_modifier=backprop_modifier,
         output=output,
         samples=samples,
         steps=steps,
     )
+    if normalize is not None:
+        explanation.normalize = normalize
     if seed is not None:
         explanation.seed = seed
     if noise is not None:
@@ -186,6 +195,7 @@ def explanation_result(response: pb.ExplainResponse) -> Explanation:
         score_difference=tensors.decode(response.score_difference, "score_difference")
         if response.HasField("score_difference")
         else None,
+        labels=list(response.labels),
     )
 
 
@@ -237,7 +247,11 @@ class SalienceClient:
             model=pb.ModelSpec(name=model, version=version), inputs=_input_tensors(inputs)
         )
         response = self._call(self._stub.Predict, request, timeout)
-        return Prediction(outputs=_outputs(response.outputs), model_version=response.model.version)
+        return Prediction(
+            outputs=_outputs(response.outputs),
+            model_version=response.model.version,
+            labels=list(response.labels),
+        )
 
     def explain(
         self, model: str, inputs: Inputs, *, timeout: float | None = None, **options: Any

@@ -1,5 +1,18 @@
 """Server wiring: the Salience servicer, the standard health service, server
-reflection, message size limits, metrics, and an ordered shutdown.
+reflection, message size limits, metrics, readiness and an ordered shutdown.
+
+Start-up: the device is chosen (and GPU memory growth turned on) before any op,
+then the port is bound and the health service answers at once, NOT_SERVING, while
+the models load in the background. Each model turns SERVING under its own health
+service name (the model's name) once every loaded version of it is warmed up; the
+server (services "" and `salience.v1.Salience`) turns SERVING when every model is
+ready or failed, at least one ready. A model that fails is logged and reported; if
+none loads, `wait_ready` raises RepositoryError and `run` stops the server.
+
+Hot reload: once loaded, a repository given by `model_repository` is polled every
+`repository_poll_seconds` (`reload`): new, changed and removed models and versions
+are loaded, swapped in and retired while the server serves; a model's health entry
+follows it (SERVING once served, NOT_SERVING once removed).
 
 Shutdown on SIGTERM/SIGINT: health goes NOT_SERVING, the server stops accepting and
 lets in-flight calls finish within the grace period (the batchers send what is
@@ -12,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from pathlib import Path
 
 import grpc
@@ -21,12 +35,15 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from salience.v1 import salience_pb2, salience_pb2_grpc
+from salience_server import devices
 from salience_server.core import InferenceCore
 from salience_server.demo import bundled_repository
+from salience_server.devices import Placement
 from salience_server.errors import ErrorInterceptor
 from salience_server.metrics import Metrics
 from salience_server.plugins import load_plugins
-from salience_server.repository import ModelRepository
+from salience_server.reload import RepositoryWatcher, cancel
+from salience_server.repository import ModelRepository, RepositoryError, scan
 from salience_server.servicer import SalienceServicer
 from salience_server.settings import Settings
 
@@ -36,7 +53,9 @@ SERVICE_NAME = salience_pb2.DESCRIPTOR.services_by_name["Salience"].full_name
 
 
 class SalienceServer:
-    """A running salience server; `start` loads the models and binds the port."""
+    """A running salience server: `start` binds the port and starts loading the
+    models, `wait_ready` waits until they are loaded and warmed up.
+    """
 
     def __init__(
         self,
@@ -50,6 +69,10 @@ class SalienceServer:
         self._server: aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self.core: InferenceCore | None = None
+        self.placement = Placement()
+        self._loading: asyncio.Task[None] | None = None
+        self.watcher: RepositoryWatcher | None = None
+        self._watching: asyncio.Task[None] | None = None
         self.port = 0
         self.metrics_port: int | None = None
 
@@ -62,14 +85,21 @@ class SalienceServer:
         self.metrics.request_seconds.labels(rpc).observe(seconds)
 
     async def start(self) -> int:
-        """Loads and warms up every model, then serves; returns the bound port."""
-        # Plugins first: their modifiers must exist before models list what they support.
+        """Binds the port with every health status NOT_SERVING, starts loading the
+        models in the background, and returns the bound port (see `wait_ready`).
+
+        Raises SettingsError when the device asked for is absent.
+        """
+        # Before any TensorFlow op: memory growth can only be set on a fresh GPU.
+        self.placement = await asyncio.to_thread(devices.configure, self.settings)
+        # Plugins next: their modifiers must exist before models list what they support.
         await asyncio.to_thread(load_plugins, self.settings.plugins)
-        repository = self._repository
-        if repository is None:
-            # Loading is blocking TensorFlow work: keep it off the event loop.
-            repository = await asyncio.to_thread(ModelRepository.load, self.repository_root)
-        self.core = InferenceCore(repository, self.settings, self.metrics)
+        if self._repository is not None:
+            expected = self._repository.names()
+        else:
+            expected = sorted(await asyncio.to_thread(scan, self.repository_root))
+        self.core = InferenceCore(None, self.settings, self.metrics)
+        self.core.expect(expected)
         limit = self.settings.max_message_bytes
         server = aio.server(
             interceptors=[ErrorInterceptor(self._observe)],
@@ -89,21 +119,126 @@ class SalienceServer:
             self.port = server.add_insecure_port(address)
         except RuntimeError as err:  # grpcio reports a failed bind as a bare RuntimeError
             raise OSError(f"cannot listen on {address}: {err}") from None
+        for service in ("", SERVICE_NAME, *self._model_services(expected)):
+            await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
-        for service in ("", SERVICE_NAME):
-            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if self.placement.is_gpu:
+            device = self.placement.device
+            self.metrics.track_device_memory(device, lambda: devices.memory_info(device))
         if self.settings.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(self.settings.metrics_port, self.settings.host)
         log.info(
-            "serving %s on %s:%d (metrics on %s) from %s",
-            ", ".join(repository.names()),
+            "listening on %s:%d (metrics on %s); loading %s from %s",
             self.settings.host,
             self.port,
             self.metrics_port if self.metrics_port is not None else "off",
+            ", ".join(expected) or "nothing",
             self.repository_root,
         )
+        self._loading = asyncio.create_task(self._load(), name="salience-load")
+        poll = self.settings.repository_poll_seconds
+        if poll > 0 and self._repository is None and self.settings.model_repository is not None:
+            self._watching = asyncio.create_task(self._watch(poll), name="salience-watch")
         return self.port
+
+    @staticmethod
+    def _model_services(names: list[str]) -> list[str]:
+        """Health service names of the models: their own names, except one that would
+        shadow a service of the server.
+        """
+        reserved = {"", SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME}
+        for name in sorted(set(names) & reserved):
+            log.warning("model %s gets no health entry of its own: the name is a service's", name)
+        return [name for name in names if name not in reserved]
+
+    def _load_repository(self) -> ModelRepository:
+        """Loads the repository with the server's placement (blocking TensorFlow work)."""
+        with devices.placing(self.placement):
+            return ModelRepository.load(self.repository_root, warm_up=False)
+
+    async def _load(self) -> None:
+        """Loads the models, warms each up and turns it SERVING; then the server."""
+        core, health_servicer = self.core, self._health
+        assert core is not None  # set by start
+        assert health_servicer is not None
+        serving = health_pb2.HealthCheckResponse.SERVING
+        started = time.monotonic()
+        try:
+            repository = self._repository
+            if repository is None:
+                repository = await asyncio.to_thread(self._load_repository)
+        except Exception as err:
+            log.error(
+                "no model can be served: %s", err, exc_info=not isinstance(err, RepositoryError)
+            )
+            core.fail_loading(str(err) or type(err).__name__)
+            if isinstance(err, RepositoryError):
+                raise
+            raise RepositoryError(f"loading the models failed: {err}") from err
+        core.attach(repository)
+        services = set(self._model_services(repository.names()))
+        for name in repository.names():
+            try:
+                for version in repository.versions(name):
+                    runtime = repository.get(name, version)
+                    await asyncio.to_thread(core.warm_up, runtime)
+            except Exception as err:
+                reason = " ".join(str(err).split())[:300] or type(err).__name__
+                log.error("model %s failed to warm up: %s", name, reason, exc_info=True)
+                core.set_failed(name, reason)
+                continue
+            core.set_ready(name)
+            if name in services:
+                await health_servicer.set(name, serving)
+            log.info(
+                "model %s is ready, %.1fs after the port opened", name, time.monotonic() - started
+            )
+        ready = core.ready_names()
+        if not ready:
+            raise RepositoryError(
+                f"no model under {self.repository_root} could be served: every one failed "
+                "to load or warm up (see the log above)"
+            )
+        for service in ("", SERVICE_NAME):
+            await health_servicer.set(service, serving)
+        log.info(
+            "serving %s on %s:%d, %.1fs after the port opened",
+            ", ".join(ready),
+            self.settings.host,
+            self.port,
+            time.monotonic() - started,
+        )
+
+    async def wait_ready(self) -> None:
+        """Returns once every model is loaded and warmed up, or failed with at least
+        one ready; raises RepositoryError when no model can be served.
+        """
+        if self._loading is not None:
+            await asyncio.shield(self._loading)
+
+    async def _watch(self, poll_seconds: float) -> None:
+        """Hot reload, from the end of the first load (none when it served nothing)."""
+        assert self._loading is not None  # set by start
+        assert self.core is not None
+        try:
+            await asyncio.shield(self._loading)
+        except Exception:
+            return  # logged by _load, and the run stops
+        self.watcher = RepositoryWatcher(
+            self.repository_root,
+            self.core,
+            poll_seconds,
+            placement=self.placement,
+            on_serving=self._model_serving,
+        )
+        await self.watcher.run()
+
+    async def _model_serving(self, name: str, serving: bool) -> None:
+        """A model reloaded into service, or removed: its health entry follows."""
+        if self._health is not None and self._model_services([name]):
+            status = health_pb2.HealthCheckResponse
+            await self._health.set(name, status.SERVING if serving else status.NOT_SERVING)
 
     async def stop(self, grace: float | None = None) -> None:
         """Ordered shutdown: NOT_SERVING, drain in-flight calls, then release models."""
@@ -112,11 +247,21 @@ class SalienceServer:
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
+        if self._loading is not None:
+            if not self._loading.done():
+                # A load still running on its thread finishes there, unused.
+                self._loading.cancel()
+            elif not self._loading.cancelled():
+                self._loading.exception()  # retrieved: it was logged when it happened
+        # No reload may swap models in while they are being released.
+        await cancel(self._watching)
         if self.core is not None:
             # Queued requests go to the device at once, so in-flight calls can
             # finish within the grace instead of waiting for batch company.
             self.core.drain()
         await self._server.stop(grace)
+        if self.watcher is not None:
+            await self.watcher.aclose()  # versions being retired, now without requests
         if self.core is not None:
             await self.core.aclose()
         self._server = None
@@ -135,7 +280,17 @@ async def run(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
+    # A signal may come while the models load; a load that serves nothing ends the run.
+    ready = asyncio.create_task(server.wait_ready())
+    stopped = asyncio.create_task(stopping.wait())
+    await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    error = ready.exception() if ready.done() else None
+    if error is not None:
+        stopped.cancel()
+        await server.stop(grace=0)
+        raise error
+    await stopped
+    ready.cancel()
     log.info(
         "shutting down: finishing in-flight calls for up to %.1fs", settings.shutdown_grace_seconds
     )

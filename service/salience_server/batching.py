@@ -165,9 +165,12 @@ class Batcher:
         self._batch_requests = metrics.batch_requests.labels(model)
         self._depth = metrics.queue_depth.labels(model)
         # One thread: device calls of a model never overlap, so a batch never
-        # competes with another for the device's memory or cores.
+        # competes with another for the device's memory or cores. It lives inside
+        # the model's device scope, where its weights are.
         self._device = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"salience-device-{model}-{runtime.version}"
+            max_workers=1,
+            thread_name_prefix=f"salience-device-{model}-{runtime.version}",
+            initializer=runtime.enter_device,
         )
         self._pending: deque[_Job] = deque()
         self._queued = 0  # samples waiting, not yet handed to the device
@@ -568,6 +571,13 @@ class Batcher:
     def flush(self) -> None:
         """Sends everything queued now without waiting for the delay."""
         self._flush_mark = time.monotonic()
+        self._wakeup.set()
+
+    def hurry(self) -> None:
+        """From now on nothing waits for company: the runtime is being replaced (hot
+        reload), so the requests still coming to it are the last ones.
+        """
+        self._flush_mark = math.inf
         self._wakeup.set()
 
     def drain(self) -> None:

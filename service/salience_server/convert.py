@@ -18,6 +18,7 @@ from salience_server.explain.options import (
     Limits,
     Objective,
 )
+from salience_server.repository import VersionStatus
 from salience_server.runtime import ModelRuntime, TensorInfo
 
 
@@ -112,6 +113,11 @@ def model_spec(runtime: ModelRuntime) -> pb.ModelSpec:
     return pb.ModelSpec(name=runtime.name, version=runtime.version)
 
 
+def top_labels(runtime: ModelRuntime, outputs: Sequence[np.ndarray]) -> list[str]:
+    """Per sample, the label of its predicted class (empty when the model has none)."""
+    return runtime.config.top_labels([info.name for info in runtime.outputs], outputs)
+
+
 def output_tensors(runtime: ModelRuntime, outputs: Sequence[np.ndarray]) -> list[pb.Tensor]:
     return [
         tensors.encode(array, info.name)
@@ -161,15 +167,17 @@ def explain_response(runtime: ModelRuntime, result: ExplainResult) -> pb.Explain
             for name, array in result.maps.items()
         ],
         resolved=resolved,
+        labels=top_labels(runtime, result.outputs),
         **extras,
     )
 
 
-def _tensor_spec(info: TensorInfo) -> pb.TensorSpec:
+def _tensor_spec(info: TensorInfo, labels: Sequence[str] = ()) -> pb.TensorSpec:
     return pb.TensorSpec(
         name=info.name,
         dtype=tensors.wire_dtype(info.dtype),
         shape=[-1 if d is None else d for d in info.shape],
+        labels=list(labels),
     )
 
 
@@ -183,6 +191,7 @@ def model_metadata(
     limits: Limits,
     with_layers: bool,
 ) -> pb.ModelMetadata:
+    labelled = runtime.config.labelled_output([o.name for o in runtime.outputs])
     layers = []
     if with_layers:
         layers = [
@@ -200,7 +209,10 @@ def model_metadata(
         versions=list(versions),
         version=runtime.version,
         inputs=[_tensor_spec(i) for i in runtime.inputs],
-        outputs=[_tensor_spec(o) for o in runtime.outputs],
+        outputs=[
+            _tensor_spec(o, runtime.config.labels if k == labelled else ())
+            for k, o in enumerate(runtime.outputs)
+        ],
         layers=layers,
         methods=list(methods),
         grad_modifiers=list(grad_modifiers),
@@ -208,4 +220,25 @@ def model_metadata(
         backprop_modifiers=list(backprop_modifiers),
         max_samples=limits.max_samples,
         max_steps=limits.max_steps,
+        device=runtime.device,
     )
+
+
+VERSION_STATES = {
+    "loading": pb.VERSION_STATE_LOADING,
+    "ready": pb.VERSION_STATE_READY,
+    "failed": pb.VERSION_STATE_FAILED,
+    "unloading": pb.VERSION_STATE_UNLOADING,
+}
+
+
+def version_status(statuses: Sequence[VersionStatus]) -> list[pb.VersionStatus]:
+    """The repository's version states as `ModelMetadata.version_status`."""
+    return [
+        pb.VersionStatus(
+            version=s.version,
+            state=VERSION_STATES.get(s.state, pb.VERSION_STATE_UNSPECIFIED),
+            reason=s.reason,
+        )
+        for s in statuses
+    ]

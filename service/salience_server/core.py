@@ -3,27 +3,39 @@ hands it to its model's batcher, which computes it on the model's device thread.
 
 The servicer converts protobuf to these calls and back; nothing here knows gRPC.
 A deadline is an absolute `time.monotonic()` instant (None: no deadline).
+
+Readiness: the server answers before its models are loaded. A model is `loading`
+until every loaded version of it is warmed up (`warm_up`), then `ready`; requests
+for a loading model get UNAVAILABLE (retry), for one that failed NOT_FOUND with the
+reason.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from types import MappingProxyType
 from typing import TypeVar
 
 import numpy as np
 
 from salience_server.batching import Batcher
+from salience_server.errors import NotFound, Unavailable, allowed
 from salience_server.explain.engine import Plan
 from salience_server.explain.options import ExplainOptions, ExplainResult
 from salience_server.metrics import Metrics
 from salience_server.repository import ModelRepository
 from salience_server.runtime import ModelRuntime
-from salience_server.settings import Settings
+from salience_server.settings import BatchingConfig, Settings
 
 T = TypeVar("T")
+
+# Readiness of a model (every loaded version of it together).
+LOADING = "loading"
+READY = "ready"
+FAILED = "failed"
 
 
 def _rows(arrays: dict[str, np.ndarray]) -> int:
@@ -34,8 +46,13 @@ def _rows(arrays: dict[str, np.ndarray]) -> int:
 class InferenceCore:
     """Predict and explain on the models of one repository."""
 
-    def __init__(self, repository: ModelRepository, settings: Settings, metrics: Metrics) -> None:
-        self.repository = repository
+    def __init__(
+        self, repository: ModelRepository | None, settings: Settings, metrics: Metrics
+    ) -> None:
+        # Empty until the models are loaded (`attach`): the server answers meanwhile.
+        self.repository = repository if repository is not None else ModelRepository({})
+        self._states: dict[str, str] = {}
+        self._reasons: dict[str, str] = {}
         self.settings = settings
         self.metrics = metrics
         # Host work only (input checks, planning, which may build derived models):
@@ -44,20 +61,136 @@ class InferenceCore:
             max_workers=settings.worker_threads, thread_name_prefix="salience-host"
         )
         self._batchers: dict[tuple[str, int], Batcher] = {}
+        # Hot reload: requests holding each runtime, and batchers being retired.
+        self._leases: dict[ModelRuntime, int] = {}
+        self._idle: dict[ModelRuntime, asyncio.Event] = {}
+        self._retiring: set[Batcher] = set()
 
     @property
     def batchers(self) -> Mapping[tuple[str, int], Batcher]:
         """The batchers made so far, by model name and version."""
         return MappingProxyType(self._batchers)
 
+    def batching_config(self, runtime: ModelRuntime) -> BatchingConfig:
+        """A model's batching: the server's settings with its configuration's overrides
+        (warm-up runs the same buckets its batcher pads to).
+        """
+        return runtime.config.batching.apply(self.settings.batching_for(runtime.name))
+
     def batcher(self, runtime: ModelRuntime) -> Batcher:
         """The batcher of a model version, made on first use (on the event loop)."""
         key = (runtime.name, runtime.version)
         batcher = self._batchers.get(key)
-        if batcher is None:
-            config = self.settings.batching_for(runtime.name)
+        # Another runtime's batcher: a reload swapped this version (the old one retires).
+        if batcher is None or batcher.runtime is not runtime:
+            config = self.batching_config(runtime)
             batcher = self._batchers[key] = Batcher(runtime, config, self.metrics)
         return batcher
+
+    # Hot reload ---------------------------------------------------------------
+
+    @contextmanager
+    def _lease(self, runtime: ModelRuntime) -> Iterator[None]:
+        """Holds a runtime for one request, from resolving it to its answer."""
+        self._leases[runtime] = self._leases.get(runtime, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._leases.pop(runtime) - 1
+            if left:
+                self._leases[runtime] = left
+            elif runtime in self._idle:
+                self._idle[runtime].set()
+
+    def retire(self, runtime: ModelRuntime) -> Awaitable[None]:
+        """Ends a runtime the repository no longer serves (call it in the same step as
+        the swap, before a request can make the version a new batcher): the requests
+        that resolved it before the swap finish on it, then its batcher closes; await
+        the result for that. No new request can reach it, so it refuses none.
+        """
+        key = (runtime.name, runtime.version)
+        batcher = self._batchers.get(key)
+        if batcher is not None and batcher.runtime is runtime:
+            del self._batchers[key]
+            self._retiring.add(batcher)
+            # Nobody new joins its queue: what comes goes out without waiting for company.
+            batcher.hurry()
+        else:
+            batcher = None
+        return self._retired(runtime, batcher)
+
+    async def _retired(self, runtime: ModelRuntime, batcher: Batcher | None) -> None:
+        try:
+            while self._leases.get(runtime, 0):
+                await self._idle.setdefault(runtime, asyncio.Event()).wait()
+            if batcher is not None:
+                await batcher.aclose()
+        finally:
+            self._idle.pop(runtime, None)
+            if batcher is not None:
+                self._retiring.discard(batcher)
+
+    def forget(self, name: str) -> None:
+        """A model the repository no longer holds (its directory was removed)."""
+        self._states.pop(name, None)
+        self._reasons.pop(name, None)
+
+    # Readiness ----------------------------------------------------------------
+
+    def expect(self, names: Iterable[str]) -> None:
+        """Models that are being loaded: requests for them get UNAVAILABLE until ready."""
+        for name in names:
+            self._states.setdefault(name, LOADING)
+
+    def attach(self, repository: ModelRepository) -> None:
+        """The loaded repository; its models stay `loading` until warmed up. Expected
+        models it lacks failed to load: the repository's NOT_FOUND says why.
+        """
+        self.repository = repository
+        loaded = set(repository.names())
+        for name in [n for n, state in self._states.items() if state == LOADING]:
+            if name not in loaded:
+                del self._states[name]
+        self.expect(loaded)
+
+    def warm_up(self, runtime: ModelRuntime) -> None:
+        """Runs a model version's default functions at every batch bucket (blocking)."""
+        runtime.warm_up(self.batching_config(runtime).buckets)
+
+    def set_ready(self, name: str) -> None:
+        self._states[name] = READY
+
+    def set_failed(self, name: str, reason: str) -> None:
+        self._states[name] = FAILED
+        self._reasons[name] = reason
+
+    def fail_loading(self, reason: str) -> None:
+        """Loading failed as a whole: every model still loading failed with `reason`."""
+        for name, state in list(self._states.items()):
+            if state == LOADING:
+                self.set_failed(name, reason)
+
+    def state(self, name: str) -> str | None:
+        """`loading`, `ready` or `failed`; None for a model this core never expected."""
+        return self._states.get(name)
+
+    def ready_names(self) -> list[str]:
+        """The models that serve requests now."""
+        return sorted(name for name, state in self._states.items() if state == READY)
+
+    def runtime(self, name: str, version: int = 0) -> ModelRuntime:
+        """The runtime of a ready model version: UNAVAILABLE while it loads, NOT_FOUND
+        (with the reason) when it failed or is not served.
+        """
+        state = self._states.get(name)
+        if state == LOADING:
+            raise Unavailable(f"model {name!r} is loading: retry in a moment")
+        if state == FAILED:
+            raise NotFound(
+                f"model.name={name!r} is not served (it failed to load: "
+                f"{self._reasons[name]}): choose one of {allowed(self.ready_names())}"
+            )
+        return self.repository.get(name, version)
 
     async def _on_host(self, work: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._host, work)
@@ -70,14 +203,15 @@ class InferenceCore:
         deadline: float | None = None,
     ) -> tuple[ModelRuntime, list[np.ndarray]]:
         """The model's outputs for a batch of inputs keyed by input name."""
-        runtime = self.repository.get(name, version)
-        batcher = self.batcher(runtime)
-        # A full queue refuses before any work is spent on the request.
-        batcher.admit(_rows(arrays), deadline)
-        inputs = await self._on_host(
-            lambda: runtime.check_inputs(arrays, self.settings.max_batch_size)
-        )
-        return runtime, await batcher.predict(inputs, deadline)
+        runtime = self.runtime(name, version)
+        with self._lease(runtime):
+            batcher = self.batcher(runtime)
+            # A full queue refuses before any work is spent on the request.
+            batcher.admit(_rows(arrays), deadline)
+            inputs = await self._on_host(
+                lambda: runtime.check_inputs(arrays, self.settings.max_batch_size)
+            )
+            return runtime, await batcher.predict(inputs, deadline)
 
     async def explain(
         self,
@@ -88,28 +222,29 @@ class InferenceCore:
         deadline: float | None = None,
     ) -> tuple[ModelRuntime, ExplainResult]:
         """Predictions and maps for a batch of inputs keyed by input name."""
-        runtime = self.repository.get(name, version)
+        runtime = self.runtime(name, version)
         runtime.check_options(options, self.settings.limits)
-        batcher = self.batcher(runtime)
-        batcher.admit(_rows(arrays), deadline)
+        with self._lease(runtime):
+            batcher = self.batcher(runtime)
+            batcher.admit(_rows(arrays), deadline)
 
-        def prepare() -> tuple[list[np.ndarray], Plan]:
-            inputs = runtime.check_inputs(arrays, self.settings.max_batch_size)
-            return inputs, runtime.plan(options, len(inputs[0]))
+            def prepare() -> tuple[list[np.ndarray], Plan]:
+                inputs = runtime.check_inputs(arrays, self.settings.max_batch_size)
+                return inputs, runtime.plan(options, len(inputs[0]))
 
-        inputs, plan = await self._on_host(prepare)
-        return runtime, await batcher.explain(inputs, plan, deadline)
+            inputs, plan = await self._on_host(prepare)
+            return runtime, await batcher.explain(inputs, plan, deadline)
 
     def drain(self) -> None:
         """Shutdown has begun: queued requests go to the device without waiting for
         company, and new ones are refused.
         """
-        for batcher in self._batchers.values():
+        for batcher in [*self._batchers.values(), *self._retiring]:
             batcher.drain()
 
     async def aclose(self) -> None:
         """Finishes what is queued, stops the threads, then releases the models."""
-        for batcher in self._batchers.values():
+        for batcher in [*self._batchers.values(), *self._retiring]:
             await batcher.aclose()
         await asyncio.to_thread(self._host.shutdown, True)
         self.repository.close()

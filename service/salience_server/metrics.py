@@ -6,6 +6,9 @@ Latencies are histograms with their unit in the name.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 # Spans a cached small-model call (ms) to a large batch on CPU (tens of seconds).
@@ -81,6 +84,30 @@ class Metrics:
             ["model", "reason"],
             registry=registry,
         )
+
+    def track_device_memory(self, device: str, read: Callable[[], Mapping[str, int]]) -> None:
+        """Adds `salience_device_memory_bytes{device, stat}`: the bytes TensorFlow holds
+        on `device` now (`current`) and at most (`peak`), read at every scrape. Only
+        devices that report it (GPUs) get it; a CPU has no such gauge.
+        """
+        gauge = Gauge(
+            "salience_device_memory_bytes",
+            "Device memory held by TensorFlow: current and peak bytes",
+            ["device", "stat"],
+            registry=self.registry,
+        )
+
+        def stat(key: str) -> Callable[[], float]:
+            def value() -> float:
+                try:
+                    return float(read()[key])
+                except Exception:  # a scrape must not fail because the device did
+                    return math.nan
+
+            return value
+
+        for key in ("current", "peak"):
+            gauge.labels(device, key).set_function(stat(key))
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Exposes /metrics over HTTP on a daemon thread; returns the bound port."""

@@ -53,13 +53,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from salience_server.errors import allowed
 from salience_server.explain.options import (
+    DEFAULT_SAMPLES,
+    DEFAULT_STEPS,
     METHOD_NAMES,
     OUTPUT_DTYPES,
     ExplainOptions,
@@ -193,9 +197,7 @@ class ExplainDefaults:
         chosen = {name: v for name, v in self.values().items() if name in options.unset}
         if not chosen:
             return options
-        return dataclasses.replace(
-            options, **chosen, unset=options.unset.difference(chosen)
-        )
+        return dataclasses.replace(options, **chosen, unset=options.unset.difference(chosen))
 
 
 @dataclass(frozen=True)
@@ -273,6 +275,25 @@ class ModelConfig:
     # Class names of the last axis of output `labels_output` ("": the first output).
     labels: tuple[str, ...] = ()
     labels_output: str = ""
+
+    def labelled_output(self, output_names: Sequence[str]) -> int | None:
+        """The index of the output the labels name (None: no labels)."""
+        if not self.labels:
+            return None
+        return output_names.index(self.labels_output) if self.labels_output else 0
+
+    def top_labels(self, output_names: Sequence[str], outputs: Sequence[np.ndarray]) -> list[str]:
+        """Per sample, the label of the arg-max unit of the labelled output; empty
+        without labels. For an output with axes between the batch and the labelled
+        last axis, a unit's value is its mean over them.
+        """
+        index = self.labelled_output(output_names)
+        if index is None:
+            return []
+        values = np.asarray(outputs[index])
+        if values.ndim > 2:
+            values = values.reshape(values.shape[0], -1, values.shape[-1]).mean(axis=1)
+        return [self.labels[int(k)] for k in np.argmax(values, axis=-1)]
 
 
 # Reading --------------------------------------------------------------------------
@@ -398,7 +419,7 @@ def _version_policy(top: _Table) -> VersionPolicy:
         if policy == SPECIFIC:
             raise top.error(
                 "version_policy",
-                "needs its versions: write [version_policy] with policy = \"specific\" and "
+                'needs its versions: write [version_policy] with policy = "specific" and '
                 "versions = [...]",
             )
         return VersionPolicy(policy=policy or LATEST)
@@ -611,7 +632,32 @@ def parse_model_config(data: Mapping[str, Any], model_dir: Path | None = None) -
         raise ModelConfigError(
             f"labels_output={labels_output!r} is set without labels: add labels or labels_file"
         )
+    _check_consistent(config)
     return config
+
+
+def _check_consistent(config: ModelConfig) -> None:
+    """Keys that are each fine but contradict one another."""
+    for knob, cap, builtin in (
+        ("samples", "max_samples", DEFAULT_SAMPLES),
+        ("steps", "max_steps", DEFAULT_STEPS),
+    ):
+        limit = getattr(config.limits, cap)
+        chosen = getattr(config.explain, knob)
+        default = builtin if chosen is None else chosen
+        if limit is not None and default > limit:
+            source = f"explain.{knob}={chosen}" if chosen is not None else f"the built-in {builtin}"
+            raise ModelConfigError(
+                f"limits.{cap}={limit} is below the default {knob}, {source}, so requests "
+                f"that leave {knob} unset would be refused: set explain.{knob} to at most {limit}"
+            )
+    queue = config.batching.max_queue_size
+    largest = config.limits.max_batch_size
+    if queue is not None and largest is not None and queue < largest:
+        raise ModelConfigError(
+            f"batching.max_queue_size={queue} is below limits.max_batch_size={largest}: the "
+            "largest request would never fit in the queue"
+        )
 
 
 def load_model_config(model_dir: Path) -> ModelConfig:

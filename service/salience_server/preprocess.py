@@ -82,7 +82,7 @@ class Preprocessing:
         self._scale = self._per_channel("scale", config.scale, channels, info)
         self._offset = self._per_channel("offset", config.offset, channels, info)
         if config.resize == RESIZE_BILINEAR:
-            height, width = (info.shape[1:3] if len(info.shape) == 4 else (None, None))
+            height, width = info.shape[1:3] if len(info.shape) == 4 else (None, None)
             if height is None or width is None:
                 raise ModelConfigError(
                     f"preprocess.resize='bilinear' needs an image input [N, H, W, C] with a "

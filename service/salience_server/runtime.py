@@ -7,6 +7,7 @@ and reused across requests (the keras-vis per-call rebuild leaked memory and tim
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections import OrderedDict
@@ -20,7 +21,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from salience_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, allowed
+from salience_server import devices
+from salience_server.devices import Placement
+from salience_server.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    ServiceError,
+    allowed,
+)
 from salience_server.explain import backprop, modifiers
 from salience_server.explain.engine import (
     DeviceFunction,
@@ -39,9 +48,15 @@ from salience_server.explain.options import (
     ExplainResult,
     Limits,
 )
-from salience_server.explain.targets import TargetResolver, activation_name
+from salience_server.explain.targets import Target, TargetResolver, activation_name
+from salience_server.model_config import ExplainDefaults, ModelConfig
+from salience_server.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
+
+# Sizes tried in turn for input axes a model leaves free (None) at warm-up: small
+# enough to be cheap, large enough for a few valid convolutions and poolings.
+WARM_UP_SIZES = (32, 64, 128, 224)
 
 # Distinct graphs kept compiled per model; the least recently used is dropped
 # beyond this, so requests naming ever new layers cannot grow memory without bound.
@@ -81,6 +96,21 @@ def _device_errors(model: str) -> Iterator[None]:
             f"device out of memory while computing model {model!r}: retry later or with "
             "fewer samples"
         ) from None
+
+
+def _with_xla(fn: DeviceFunction) -> DeviceFunction:
+    """The same device function compiled by XLA: the methods build plain
+    `tf.function`s; this re-wraps the Python function with `jit_compile=True` (the
+    unwrapped one is never traced).
+    """
+    python_function = getattr(fn, "python_function", None)
+    signature = getattr(fn, "input_signature", None)
+    if python_function is None:
+        return fn
+    compiled: DeviceFunction = tf.function(
+        python_function, input_signature=signature, jit_compile=True
+    )
+    return compiled
 
 
 @dataclass(frozen=True)
@@ -128,30 +158,87 @@ def _layer_info(index: int, layer: keras.layers.Layer) -> LayerInfo:
 class ModelRuntime:
     """A Keras model ready to predict and explain."""
 
-    def __init__(self, name: str, version: int, model: keras.Model, path: Path | None = None):
-        self.name = name
-        self.version = version
-        self.path = path
+    # Whether the model has Keras layers that objectives, `wrt`, the CAM methods and
+    # backprop modifiers can name; a SavedModel's signature has none (savedmodel.py).
+    has_layers = True
+
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        model: keras.Model,
+        path: Path | None = None,
+        config: ModelConfig | None = None,
+        placement: Placement | None = None,
+    ):
         self.model = model
         if not getattr(model, "inputs", None):
             raise FailedPrecondition(
                 f"model {name!r} version {version} has no functional graph (subclassed models "
                 "are not supported): save it as a Functional or Sequential model"
             )
-        self.inputs = tuple(
-            _tensor_info(t, getattr(t, "name", "") or f"input_{i}")
-            for i, t in enumerate(model.inputs)
+        placement = placement or devices.current()
+        if placement.policy is not None:
+            # Before anything reads the layers: derived models copy their policies.
+            switched = devices.apply_mixed_precision(model, placement.policy)
+            log.info("model %s: %d layers compute in %s", name, switched, placement.compute_dtype)
+        self._setup(
+            name,
+            version,
+            path,
+            config,
+            inputs=tuple(
+                _tensor_info(t, getattr(t, "name", "") or f"input_{i}")
+                for i, t in enumerate(model.inputs)
+            ),
+            outputs=tuple(
+                _tensor_info(t, _producer_name(t, f"output_{i}"))
+                for i, t in enumerate(model.outputs)
+            ),
+            layers=tuple(_layer_info(i, layer) for i, layer in enumerate(model.layers)),
+            resolver=TargetResolver(model),
+            placement=placement,
         )
-        self.outputs = tuple(
-            _tensor_info(t, _producer_name(t, f"output_{i}")) for i, t in enumerate(model.outputs)
-        )
-        self.layers = tuple(_layer_info(i, layer) for i, layer in enumerate(model.layers))
+
+    def _setup(
+        self,
+        name: str,
+        version: int,
+        path: Path | None,
+        config: ModelConfig | None,
+        *,
+        inputs: tuple[TensorInfo, ...],
+        outputs: tuple[TensorInfo, ...],
+        layers: tuple[LayerInfo, ...],
+        resolver: TargetResolver,
+        placement: Placement | None = None,
+    ) -> None:
+        """The state of every runtime, whatever the format of its model.
+
+        `placement` (default: `devices.current()`, the loading server's) is where its
+        weights were created and every compiled call of it runs.
+        """
+        self.placement = placement or devices.current()
+        self.name = name
+        self.version = version
+        self.path = path
+        self.config = config or ModelConfig()
+        # Requests send inputs as they are before the preprocessing (a resized input
+        # takes any height and width); ModelConfigError when it does not fit the model.
+        self.preprocessing = Preprocessing(self.config.preprocess, inputs)
+        self.inputs = self.preprocessing.sender_inputs
+        self.outputs = outputs
+        self.layers = layers
         self.input_specs = tuple(
             tf.TensorSpec([None, *info.shape[1:]], info.dtype, name=f"input_{i}")
             for i, info in enumerate(self.inputs)
         )
-        self._predict = tf.function(self._forward, input_signature=[self.input_specs])
-        self.resolver = TargetResolver(model)
+        self._predict = tf.function(
+            self._forward,
+            input_signature=[self.input_specs],
+            jit_compile=self.placement.jit_compile,
+        )
+        self.resolver = resolver
         self._functions: OrderedDict[Graph, DeviceFunction] = OrderedDict()
         # Guards the resolver and the function cache; RLock because methods build
         # derived models (linear twins, modified copies) while planning.
@@ -160,6 +247,19 @@ class ModelRuntime:
         # scans), built once under _lock by the methods that need them, by key.
         self.derived: dict[Any, Any] = {}
         self.traces = 0  # how many gradient functions have been traced (for tests)
+        # Where the weights are, as TensorFlow reports it (metadata and logs show it).
+        self.device = devices.weights_device(self.model) or self.placement.device
+        if self.placement.policy is not None and not self.has_layers:
+            log.warning(
+                "model %s: mixed precision does not apply (its graph fixes its dtypes)", name
+            )
+        log.info(
+            "model %s version %d: weights on %s, computing on %s",
+            name,
+            version,
+            self.device,
+            self.placement.describe(),
+        )
 
     @classmethod
     def load(cls, name: str, version: int, path: Path) -> ModelRuntime:
@@ -168,8 +268,16 @@ class ModelRuntime:
         return cls(name, version, model, path)
 
     def _forward(self, inputs: tuple[tf.Tensor, ...]) -> tuple[tf.Tensor, ...]:
-        out = self.model(list(inputs) if len(inputs) > 1 else inputs[0], training=False)
+        feed = self.preprocessing.apply(inputs)
+        out = self.model(feed if len(feed) > 1 else feed[0], training=False)
         return tuple(out) if isinstance(out, list | tuple) else (out,)
+
+    def output_model(self, targets: Sequence[Target]) -> Any:
+        """For a model without Keras layers (`has_layers` false): the callable
+        `inputs -> [*the targets' outputs, *outputs]` the methods differentiate, with
+        the preprocessing in front. A Keras model's come from `backprop.explain_model`.
+        """
+        raise NotImplementedError(f"model {self.name!r} has Keras layers")
 
     # Inputs -----------------------------------------------------------------
 
@@ -179,6 +287,9 @@ class ModelRuntime:
         Keys are input names; a single unnamed ("") input is accepted for a model
         with one input. Raises InvalidArgument naming the field and what is allowed.
         """
+        capped = self.config.limits.batch_size(max_batch)
+        whose = "the model's" if capped < max_batch else "the server's"
+        max_batch = capped
         names = [info.name for info in self.inputs]
         if len(self.inputs) == 1 and set(arrays) == {""}:
             arrays = {names[0]: arrays[""]}
@@ -219,7 +330,7 @@ class ModelRuntime:
                 raise InvalidArgument(f"{field} is an empty batch: send at least one sample")
             if array.shape[0] > max_batch:
                 raise InvalidArgument(
-                    f"{field} has a batch of {array.shape[0]}, over the server's "
+                    f"{field} has a batch of {array.shape[0]}, over {whose} "
                     f"max_batch_size={max_batch}: split it into smaller requests"
                 )
             if batch is not None and array.shape[0] != batch:
@@ -241,14 +352,20 @@ class ModelRuntime:
 
     def predict(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """The model's outputs for checked inputs."""
-        with _device_errors(self.name):
+        with self.on_device():
             outputs = self._predict(tuple(tf.convert_to_tensor(x) for x in inputs))
             return [o.numpy() for o in outputs]
 
     # Explain ----------------------------------------------------------------
 
     def check_options(self, options: ExplainOptions, limits: Limits) -> None:
-        """Rejects options no model could honour, before any work is queued."""
+        """Rejects options no model could honour, before any work is queued.
+
+        The model's configured defaults fill what the request left unset, and its
+        caps lower the server's `limits`.
+        """
+        options = self.config.explain.apply(options)
+        limits = self.config.limits.apply(limits)
         if options.method not in METHODS:
             raise InvalidArgument(
                 f"explanation.method={options.method!r} is unknown: use one of {allowed(METHODS)}"
@@ -278,8 +395,8 @@ class ModelRuntime:
             )
         if len(options.objectives) > limits.max_objectives:
             raise InvalidArgument(
-                f"explanation.objectives has {len(options.objectives)} entries, over the "
-                f"server's max_objectives={limits.max_objectives}"
+                f"explanation.objectives has {len(options.objectives)} entries, over "
+                f"{limits.whose('max_objectives')} max_objectives={limits.max_objectives}"
             )
         for k, objective in enumerate(options.objectives):
             if not np.isfinite(objective.weight):
@@ -288,15 +405,15 @@ class ModelRuntime:
                 )
         if options.samples > limits.max_samples:
             raise InvalidArgument(
-                f"explanation.samples={options.samples} is over the server's "
+                f"explanation.samples={options.samples} is over {limits.whose('max_samples')} "
                 f"max_samples={limits.max_samples}: use 1..{limits.max_samples} (0 for the "
-                f"default, {DEFAULT_SAMPLES})"
+                f"default, {self.config.explain.samples or DEFAULT_SAMPLES})"
             )
         if options.steps > limits.max_steps:
             raise InvalidArgument(
-                f"explanation.steps={options.steps} is over the server's "
+                f"explanation.steps={options.steps} is over {limits.whose('max_steps')} "
                 f"max_steps={limits.max_steps}: use 1..{limits.max_steps} (0 for the "
-                f"default, {DEFAULT_STEPS})"
+                f"default, {self.config.explain.steps or DEFAULT_STEPS})"
             )
         names = [info.name for info in self.inputs]
         if options.input_name and options.input_name not in names:
@@ -311,6 +428,7 @@ class ModelRuntime:
 
     def plan(self, options: ExplainOptions, batch: int) -> Plan:
         """Resolves checked options for a request of `batch` samples (engine step 1)."""
+        options = self.config.explain.apply(options)
         method = METHODS[options.method]
         with self._lock:
             plan = method.plan(self, options, batch)
@@ -322,7 +440,7 @@ class ModelRuntime:
     ) -> tuple[Tensors, RawTensors]:
         """One device call of one graph on a (possibly merged) batch (engine step 2)."""
         fn = self._device_function(graph, params)
-        with _device_errors(self.name):
+        with self.on_device():
             return fn(
                 tuple(tf.convert_to_tensor(x) for x in inputs),
                 {key: tf.convert_to_tensor(value) for key, value in params.items()},
@@ -330,7 +448,7 @@ class ModelRuntime:
 
     def finish(self, plan: Plan, outputs: Sequence[tf.Tensor], raw: RawTensors) -> ExplainResult:
         """A request's result from its own rows of a device call (engine step 3)."""
-        with _device_errors(self.name):
+        with self.on_device():
             maps, extras = METHODS[plan.graph.method].finish(plan, raw)
             return ExplainResult(
                 outputs=[np.asarray(o) for o in outputs],
@@ -355,7 +473,7 @@ class ModelRuntime:
         per-request kernel launch and host copy with one for the whole group.
         """
         first = plans[0]
-        with _device_errors(self.name):
+        with self.on_device():
             maps, extras = METHODS[first.graph.method].finish(first, raw)
             host_maps = {name: m.numpy() for name, m in maps.items()}
             host_extras = {name: e.numpy() for name, e in extras.items()}
@@ -414,6 +532,8 @@ class ModelRuntime:
                 self._functions.move_to_end(graph)
                 return fn
             fn = METHODS[graph.method].build(self, graph, param_specs(params))
+            if self.placement.xla:
+                fn = _with_xla(fn)
             self._functions[graph] = fn
             if len(self._functions) > FUNCTION_CACHE_SIZE:
                 self._functions.popitem(last=False)
@@ -431,12 +551,124 @@ class ModelRuntime:
         """Called by device functions while they are traced (tests count retraces)."""
         self.traces += 1
 
-    def warm_up(self) -> None:
-        """Traces predict and the default explanation, so the first request is not slow."""
-        sample = [
-            np.zeros([1, *(d or 1 for d in info.shape[1:])], dtype=info.dtype)
-            for info in self.inputs
+    # Device -----------------------------------------------------------------
+
+    @contextmanager
+    def on_device(self) -> Iterator[None]:
+        """The model's device scope; running out of device memory fails only the
+        call, as RESOURCE_EXHAUSTED.
+        """
+        with self.placement.scope(), _device_errors(self.name):
+            yield
+
+    def enter_device(self) -> None:
+        """Puts the calling thread inside this model's device scope for good: the
+        initializer of the model's device thread, so that the batcher's row
+        bookkeeping between calls (splits, gathers, concatenations) stays on the
+        device as well.
+        """
+        self.placement.scope().__enter__()
+
+    # Warm-up ----------------------------------------------------------------
+
+    def default_explanations(self) -> list[ExplainOptions]:
+        """What warm-up explains: an explanation request that sets nothing (so the
+        model's configured defaults choose the method and its options), of the first
+        floating-point input. Extend this list to warm up more methods.
+        """
+        floats = [info.name for info in self.inputs if np.dtype(info.dtype).kind == "f"]
+        if not floats:
+            return []
+        return [
+            ExplainOptions(
+                input_name=floats[0] if len(self.inputs) > 1 else "",
+                unset=frozenset(f.name for f in dataclasses.fields(ExplainDefaults)),
+            )
         ]
-        self.predict(sample)
-        if len(self.inputs) == 1 and np.dtype(self.inputs[0].dtype).kind == "f":
-            self.explain(sample, ExplainOptions())
+
+    def warm_up(
+        self,
+        buckets: Sequence[int] = (1,),
+        explanations: Sequence[ExplainOptions] | None = None,
+    ) -> None:
+        """Runs predict and each default explanation once at every batch size of
+        `buckets` (the sizes the batcher pads device calls to), so that the first
+        request of each finds its functions traced, and with XLA compiled for its
+        shape, and on a GPU its kernels chosen.
+
+        Input axes the model leaves free (None) take the first of `WARM_UP_SIZES`
+        the model accepts; when none fits, warm-up is skipped with a log line and
+        the first requests trace instead. An explanation the model cannot give (a
+        ServiceError, such as a CAM method without a spatial layer) is logged and
+        left out; a predict that runs out of device memory ends warm-up with a log
+        line; any other failing predict raises: the model cannot serve.
+        """
+        sample = self._warm_up_sample()
+        if sample is None:
+            return
+        chosen = list(self.default_explanations() if explanations is None else explanations)
+        placed: set[str] = set()
+        for size in sorted(set(buckets)):
+            batch = [np.repeat(x, size, axis=0) for x in sample]
+            try:
+                self.predict(batch)
+            except ResourceExhausted:
+                # The model serves; calls this large will fail alike until the
+                # device batch size is lowered.
+                log.warning(
+                    "model %s: the device ran out of memory warming up batch %d: larger "
+                    "buckets are not warmed; lower max_device_batch_size",
+                    self.name,
+                    size,
+                )
+                return
+            for options in list(chosen):
+                try:
+                    plan = self.plan(options, size)
+                    outputs, raw = self.compute(plan.graph, batch, plan.params)
+                    self.finish(plan, outputs, raw)
+                    if plan.graph.method not in placed and raw:
+                        # Evidence of where explanations run, next to the weights' line.
+                        placed.add(plan.graph.method)
+                        log.info(
+                            "model %s: %s computed on %s",
+                            self.name,
+                            plan.graph.method,
+                            next(iter(raw.values())).device,
+                        )
+                except ServiceError as err:
+                    log.warning(
+                        "model %s: warm-up leaves out explanation %r: %s",
+                        self.name,
+                        options.method,
+                        err,
+                    )
+                    chosen.remove(options)
+
+    def _warm_up_sample(self) -> list[np.ndarray] | None:
+        """One all-zeros sample per input, free axes filled with a size that works."""
+        free = any(d is None for info in self.inputs for d in info.shape[1:])
+        failures = []
+        for size in WARM_UP_SIZES if free else (0,):
+            sample = [
+                np.zeros([1, *(size if d is None else d for d in info.shape[1:])], info.dtype)
+                for info in self.inputs
+            ]
+            if not free:
+                self.predict(sample)
+                return sample
+            try:
+                self.predict(sample)
+            except Exception as err:  # a size this model cannot take: try the next
+                failures.append(f"{size}: {type(err).__name__}")
+                continue
+            log.info("model %s: warming up with free input axes of size %d", self.name, size)
+            return sample
+        log.warning(
+            "model %s: warm-up skipped: its free input axes take none of the sizes %s (%s); "
+            "the first request of each shape traces its functions",
+            self.name,
+            ", ".join(map(str, WARM_UP_SIZES)),
+            "; ".join(failures),
+        )
+        return None

@@ -35,7 +35,9 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
             request.model.name, request.model.version, arrays, deadline(context)
         )
         return pb.PredictResponse(
-            model=convert.model_spec(runtime), outputs=convert.output_tensors(runtime, outputs)
+            model=convert.model_spec(runtime),
+            outputs=convert.output_tensors(runtime, outputs),
+            labels=convert.top_labels(runtime, outputs),
         )
 
     async def Explain(
@@ -50,17 +52,22 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
 
     def _metadata(self, name: str, version: int, with_layers: bool) -> pb.ModelMetadata:
         repository = self.core.repository
-        runtime = repository.get(name, version)
-        return convert.model_metadata(
+        runtime = self.core.runtime(name, version)
+        settings = self.core.settings
+        # A model's configuration may lower the server's caps.
+        caps = runtime.config.limits
+        metadata = convert.model_metadata(
             runtime,
             repository.versions(name),
-            self.core.settings.max_batch_size,
+            caps.batch_size(settings.max_batch_size),
             runtime.supported_methods(),
             tuple(GRAD_MODIFIERS),
             runtime.backprop_modifiers(),
-            self.core.settings.limits,
+            caps.apply(settings.limits),
             with_layers,
         )
+        metadata.version_status.extend(convert.version_status(repository.statuses(name)))
+        return metadata
 
     async def GetModelMetadata(
         self, request: pb.GetModelMetadataRequest, context: aio.ServicerContext
@@ -70,7 +77,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        names = self.core.repository.names()
+        names = self.core.ready_names()
         return pb.ListModelsResponse(
             models=[self._metadata(name, 0, with_layers=False) for name in names]
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,10 @@ MIB = 1024 * 1024
 class SettingsError(ValueError):
     """A setting has a value the server cannot start with."""
 
+
+# The `device` setting's forms (whether the GPU exists is checked at start-up).
+DEVICE_SETTING = re.compile(r"^(auto|cpu|gpu|gpu:\d+)$")
+MIXED_PRECISION = ("off", "on", "float16", "bfloat16")
 
 # A device call pads at most 1/4 of its rows (see BatchingConfig.take).
 MAX_PADDING_DENOMINATOR = 4
@@ -79,8 +84,17 @@ class Settings:
     model_repository: Path | None = field(
         default=None,
         metadata=_doc(
-            "Directory laid out DIR/<model>/<version>/model.keras; "
-            "unset serves the bundled demo models"
+            "Model repository: DIR/<model>/<version>/ holding model.keras, model.h5 or a "
+            "SavedModel, and an optional DIR/<model>/config.toml; unset serves the bundled "
+            "demo models"
+        ),
+    )
+    repository_poll_seconds: float = field(
+        default=2.0,
+        metadata=_doc(
+            "How often the model repository is checked for new, changed and removed "
+            "models and versions, which are then loaded or unloaded without a restart, "
+            "in seconds; 0 turns hot reload off"
         ),
     )
     host: str = field(default="0.0.0.0", metadata=_doc("Address the gRPC server binds"))
@@ -152,6 +166,27 @@ class Settings:
             "is refused at once with RESOURCE_EXHAUSTED (at least max_batch_size)"
         ),
     )
+    device: str = field(
+        default="auto",
+        metadata=_doc(
+            "Where model weights live and compute runs: auto (the first GPU if any, else "
+            "the CPU), cpu, gpu or gpu:N; a GPU that is absent stops start-up"
+        ),
+    )
+    mixed_precision: str = field(
+        default="off",
+        metadata=_doc(
+            "Compute in a reduced float type, weights kept float32: off, on (float16 on a "
+            "GPU, bfloat16 on a CPU), float16 or bfloat16"
+        ),
+    )
+    xla: bool = field(
+        default=False,
+        metadata=_doc(
+            "Compile predict and every explanation function with XLA (true/false); for "
+            "GPUs: on a CPU it is usually slower"
+        ),
+    )
     shutdown_grace_seconds: float = field(
         default=10.0,
         metadata=_doc("How long in-flight calls may run on after SIGTERM before they are cut"),
@@ -195,6 +230,11 @@ class Settings:
             raise SettingsError(
                 f"model_repository={str(self.model_repository)!r} is not a directory"
             )
+        if not 0 <= self.repository_poll_seconds <= 3600:
+            raise SettingsError(
+                f"repository_poll_seconds={self.repository_poll_seconds} is out of range: use "
+                "0 (off) to 3600"
+            )
         if not 0 <= self.port <= 65535:
             raise SettingsError(f"port={self.port} is out of range: use 0..65535")
         if not -1 <= self.metrics_port <= 65535:
@@ -229,6 +269,15 @@ class Settings:
             raise SettingsError(
                 f"max_queue_size={self.max_queue_size} is below max_batch_size="
                 f"{self.max_batch_size}: the largest request would never fit in the queue"
+            )
+        if not DEVICE_SETTING.match(self.device.strip().lower()):
+            raise SettingsError(
+                f"device={self.device!r} is not allowed: use auto, cpu, gpu or gpu:N"
+            )
+        if self.mixed_precision.strip().lower() not in MIXED_PRECISION:
+            raise SettingsError(
+                f"mixed_precision={self.mixed_precision!r} is not allowed: use "
+                f"{', '.join(MIXED_PRECISION)}"
             )
         if self.shutdown_grace_seconds < 0:
             raise SettingsError(

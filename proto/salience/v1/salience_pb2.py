@@ -24,15 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asalience/v1/salience.proto\x12\x0bsalience.v1\"Y\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.salience.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"*\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\\\n\x0ePredictRequest\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.salience.v1.ModelSpec\x12#\n\x06inputs\x18\x02 \x03(\x0b\x32\x13.salience.v1.Tensor\"^\n\x0fPredictResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.salience.v1.ModelSpec\x12$\n\x07outputs\x18\x02 \x03(\x0b\x32\x13.salience.v1.Tensor\"2\n\x08LayerRef\x12\x0e\n\x04name\x18\x01 \x01(\tH\x00\x12\x0f\n\x05index\x18\x02 \x01(\x05H\x00\x42\x05\n\x03ref\"i\n\tObjective\x12$\n\x05layer\x18\x01 \x01(\x0b\x32\x15.salience.v1.LayerRef\x12\x16\n\x0e\x66ilter_indices\x18\x02 \x03(\x03\x12\x13\n\x06weight\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\t\n\x07_weight\"\xf0\x03\n\x0b\x45xplanation\x12\x0e\n\x06method\x18\x01 \x01(\t\x12*\n\nobjectives\x18\x02 \x03(\x0b\x32\x16.salience.v1.Objective\x12\x16\n\x0egrad_modifiers\x18\x03 \x03(\t\x12\x10\n\x08keepdims\x18\x04 \x01(\x08\x12\x16\n\tnormalize\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\x17\n\x0fkeep_activation\x18\x06 \x01(\x08\x12+\n\x0coutput_dtype\x18\x07 \x01(\x0e\x32\x15.salience.v1.DataType\x12\x19\n\x11\x62\x61\x63kprop_modifier\x18\x08 \x01(\t\x12\"\n\x03wrt\x18\t \x01(\x0b\x32\x15.salience.v1.LayerRef\x12\x11\n\x04seed\x18\n \x01(\x04H\x01\x88\x01\x01\x12\r\n\x05input\x18\x0b \x01(\t\x12\x0e\n\x06output\x18\x0c \x01(\t\x12\x30\n\x11penultimate_layer\x18\r \x01(\x0b\x32\x15.salience.v1.LayerRef\x12\x0f\n\x07samples\x18\x0e \x01(\r\x12\x12\n\x05noise\x18\x0f \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05steps\x18\x10 \x01(\r\x12%\n\x08\x62\x61seline\x18\x11 \x01(\x0b\x32\x13.salience.v1.TensorB\x0c\n\n_normalizeB\x07\n\x05_seedB\x08\n\x06_noise\"\x8b\x01\n\x0e\x45xplainRequest\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.salience.v1.ModelSpec\x12#\n\x06inputs\x18\x02 \x03(\x0b\x32\x13.salience.v1.Tensor\x12-\n\x0b\x65xplanation\x18\x03 \x01(\x0b\x32\x18.salience.v1.Explanation\"F\n\x0bSaliencyMap\x12\x15\n\rgrad_modifier\x18\x01 \x01(\t\x12 \n\x03map\x18\x02 \x01(\x0b\x32\x13.salience.v1.Tensor\"\x8c\x01\n\x11ResolvedObjective\x12\x12\n\nlayer_name\x18\x01 \x01(\t\x12\x13\n\x0blayer_index\x18\x02 \x01(\x05\x12\x16\n\x0e\x66ilter_indices\x18\x03 \x03(\x03\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12\x13\n\x0bused_logits\x18\x05 \x01(\x08\x12\x11\n\treduction\x18\x06 \x01(\t\"\x8a\x03\n\x13ResolvedExplanation\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x32\n\nobjectives\x18\x02 \x03(\x0b\x32\x1e.salience.v1.ResolvedObjective\x12\x16\n\x0egrad_modifiers\x18\x03 \x03(\t\x12\x10\n\x08keepdims\x18\x04 \x01(\x08\x12\x11\n\tnormalize\x18\x05 \x01(\x08\x12+\n\x0coutput_dtype\x18\x06 \x01(\x0e\x32\x15.salience.v1.DataType\x12\r\n\x05input\x18\x07 \x01(\t\x12\x18\n\x10\x63hannels_reduced\x18\x08 \x01(\x08\x12\x11\n\x04seed\x18\t \x01(\x04H\x00\x88\x01\x01\x12\x19\n\x11\x62\x61\x63kprop_modifier\x18\n \x01(\t\x12\x0b\n\x03wrt\x18\x0b \x01(\t\x12\x19\n\x11penultimate_layer\x18\x0c \x01(\t\x12\x0f\n\x07samples\x18\r \x01(\r\x12\r\n\x05noise\x18\x0e \x01(\x01\x12\r\n\x05steps\x18\x0f \x01(\r\x12\x0e\n\x06output\x18\x10 \x01(\tB\x07\n\x05_seed\"\x9d\x02\n\x0f\x45xplainResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.salience.v1.ModelSpec\x12$\n\x07outputs\x18\x02 \x03(\x0b\x32\x13.salience.v1.Tensor\x12&\n\x04maps\x18\x03 \x03(\x0b\x32\x18.salience.v1.SaliencyMap\x12\x32\n\x08resolved\x18\x04 \x01(\x0b\x32 .salience.v1.ResolvedExplanation\x12\x32\n\x15\x63ompleteness_residual\x18\x05 \x01(\x0b\x32\x13.salience.v1.Tensor\x12-\n\x10score_difference\x18\x06 \x01(\x0b\x32\x13.salience.v1.Tensor\"@\n\x17GetModelMetadataRequest\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.salience.v1.ModelSpec\"O\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.salience.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\"`\n\tLayerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x14\n\x0coutput_shape\x18\x04 \x03(\x03\x12\x12\n\nactivation\x18\x05 \x01(\t\"\xc0\x02\n\rModelMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\x03\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\'\n\x06inputs\x18\x04 \x03(\x0b\x32\x17.salience.v1.TensorSpec\x12(\n\x07outputs\x18\x05 \x03(\x0b\x32\x17.salience.v1.TensorSpec\x12&\n\x06layers\x18\x06 \x03(\x0b\x32\x16.salience.v1.LayerInfo\x12\x0f\n\x07methods\x18\x07 \x03(\t\x12\x16\n\x0egrad_modifiers\x18\x08 \x03(\t\x12\x16\n\x0emax_batch_size\x18\t \x01(\x03\x12\x1a\n\x12\x62\x61\x63kprop_modifiers\x18\n \x03(\t\x12\x13\n\x0bmax_samples\x18\x0b \x01(\x03\x12\x11\n\tmax_steps\x18\x0c \x01(\x03\"\x13\n\x11ListModelsRequest\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.salience.v1.ModelMetadata*\xbd\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x02\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x04\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x06\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x07\x32\xbb\x02\n\x08Salience\x12\x44\n\x07Predict\x12\x1b.salience.v1.PredictRequest\x1a\x1c.salience.v1.PredictResponse\x12\x44\n\x07\x45xplain\x12\x1b.salience.v1.ExplainRequest\x1a\x1c.salience.v1.ExplainResponse\x12T\n\x10GetModelMetadata\x12$.salience.v1.GetModelMetadataRequest\x1a\x1a.salience.v1.ModelMetadata\x12M\n\nListModels\x12\x1e.salience.v1.ListModelsRequest\x1a\x1f.salience.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asalience/v1/salience.proto\x12\x0bsalience.v1\"Y\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.salience.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"*\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\\\n\x0ePredictRequest\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.salience.v1.ModelSpec\x12#\n\x06inputs\x18\x02 \x03(\x0b\x32\x13.salience.v1.Tensor\"n\n\x0fPredictResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.salience.v1.ModelSpec\x12$\n\x07outputs\x18\x02 \x03(\x0b\x32\x13.salience.v1.Tensor\x12\x0e\n\x06labels\x18\x03 \x03(\t\"2\n\x08LayerRef\x12\x0e\n\x04name\x18\x01 \x01(\tH\x00\x12\x0f\n\x05index\x18\x02 \x01(\x05H\x00\x42\x05\n\x03ref\"i\n\tObjective\x12$\n\x05layer\x18\x01 \x01(\x0b\x32\x15.salience.v1.LayerRef\x12\x16\n\x0e\x66ilter_indices\x18\x02 \x03(\x03\x12\x13\n\x06weight\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\t\n\x07_weight\"\xf0\x03\n\x0b\x45xplanation\x12\x0e\n\x06method\x18\x01 \x01(\t\x12*\n\nobjectives\x18\x02 \x03(\x0b\x32\x16.salience.v1.Objective\x12\x16\n\x0egrad_modifiers\x18\x03 \x03(\t\x12\x10\n\x08keepdims\x18\x04 \x01(\x08\x12\x16\n\tnormalize\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\x17\n\x0fkeep_activation\x18\x06 \x01(\x08\x12+\n\x0coutput_dtype\x18\x07 \x01(\x0e\x32\x15.salience.v1.DataType\x12\x19\n\x11\x62\x61\x63kprop_modifier\x18\x08 \x01(\t\x12\"\n\x03wrt\x18\t \x01(\x0b\x32\x15.salience.v1.LayerRef\x12\x11\n\x04seed\x18\n \x01(\x04H\x01\x88\x01\x01\x12\r\n\x05input\x18\x0b \x01(\t\x12\x0e\n\x06output\x18\x0c \x01(\t\x12\x30\n\x11penultimate_layer\x18\r \x01(\x0b\x32\x15.salience.v1.LayerRef\x12\x0f\n\x07samples\x18\x0e \x01(\r\x12\x12\n\x05noise\x18\x0f \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05steps\x18\x10 \x01(\r\x12%\n\x08\x62\x61seline\x18\x11 \x01(\x0b\x32\x13.salience.v1.TensorB\x0c\n\n_normalizeB\x07\n\x05_seedB\x08\n\x06_noise\"\x8b\x01\n\x0e\x45xplainRequest\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.salience.v1.ModelSpec\x12#\n\x06inputs\x18\x02 \x03(\x0b\x32\x13.salience.v1.Tensor\x12-\n\x0b\x65xplanation\x18\x03 \x01(\x0b\x32\x18.salience.v1.Explanation\"F\n\x0bSaliencyMap\x12\x15\n\rgrad_modifier\x18\x01 \x01(\t\x12 \n\x03map\x18\x02 \x01(\x0b\x32\x13.salience.v1.Tensor\"\x8c\x01\n\x11ResolvedObjective\x12\x12\n\nlayer_name\x18\x01 \x01(\t\x12\x13\n\x0blayer_index\x18\x02 \x01(\x05\x12\x16\n\x0e\x66ilter_indices\x18\x03 \x03(\x03\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12\x13\n\x0bused_logits\x18\x05 \x01(\x08\x12\x11\n\treduction\x18\x06 \x01(\t\"\x8a\x03\n\x13ResolvedExplanation\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x32\n\nobjectives\x18\x02 \x03(\x0b\x32\x1e.salience.v1.ResolvedObjective\x12\x16\n\x0egrad_modifiers\x18\x03 \x03(\t\x12\x10\n\x08keepdims\x18\x04 \x01(\x08\x12\x11\n\tnormalize\x18\x05 \x01(\x08\x12+\n\x0coutput_dtype\x18\x06 \x01(\x0e\x32\x15.salience.v1.DataType\x12\r\n\x05input\x18\x07 \x01(\t\x12\x18\n\x10\x63hannels_reduced\x18\x08 \x01(\x08\x12\x11\n\x04seed\x18\t \x01(\x04H\x00\x88\x01\x01\x12\x19\n\x11\x62\x61\x63kprop_modifier\x18\n \x01(\t\x12\x0b\n\x03wrt\x18\x0b \x01(\t\x12\x19\n\x11penultimate_layer\x18\x0c \x01(\t\x12\x0f\n\x07samples\x18\r \x01(\r\x12\r\n\x05noise\x18\x0e \x01(\x01\x12\r\n\x05steps\x18\x0f \x01(\r\x12\x0e\n\x06output\x18\x10 \x01(\tB\x07\n\x05_seed\"\xad\x02\n\x0f\x45xplainResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.salience.v1.ModelSpec\x12$\n\x07outputs\x18\x02 \x03(\x0b\x32\x13.salience.v1.Tensor\x12&\n\x04maps\x18\x03 \x03(\x0b\x32\x18.salience.v1.SaliencyMap\x12\x32\n\x08resolved\x18\x04 \x01(\x0b\x32 .salience.v1.ResolvedExplanation\x12\x32\n\x15\x63ompleteness_residual\x18\x05 \x01(\x0b\x32\x13.salience.v1.Tensor\x12-\n\x10score_difference\x18\x06 \x01(\x0b\x32\x13.salience.v1.Tensor\x12\x0e\n\x06labels\x18\x07 \x03(\t\"@\n\x17GetModelMetadataRequest\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.salience.v1.ModelSpec\"_\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.salience.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06labels\x18\x04 \x03(\t\"`\n\tLayerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x14\n\x0coutput_shape\x18\x04 \x03(\x03\x12\x12\n\nactivation\x18\x05 \x01(\t\"\x84\x03\n\rModelMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\x03\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\'\n\x06inputs\x18\x04 \x03(\x0b\x32\x17.salience.v1.TensorSpec\x12(\n\x07outputs\x18\x05 \x03(\x0b\x32\x17.salience.v1.TensorSpec\x12&\n\x06layers\x18\x06 \x03(\x0b\x32\x16.salience.v1.LayerInfo\x12\x0f\n\x07methods\x18\x07 \x03(\t\x12\x16\n\x0egrad_modifiers\x18\x08 \x03(\t\x12\x16\n\x0emax_batch_size\x18\t \x01(\x03\x12\x1a\n\x12\x62\x61\x63kprop_modifiers\x18\n \x03(\t\x12\x13\n\x0bmax_samples\x18\x0b \x01(\x03\x12\x11\n\tmax_steps\x18\x0c \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\r \x01(\t\x12\x32\n\x0eversion_status\x18\x0e \x03(\x0b\x32\x1a.salience.v1.VersionStatus\"Z\n\rVersionStatus\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.salience.v1.VersionState\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x13\n\x11ListModelsRequest\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.salience.v1.ModelMetadata*\xbd\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x02\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x04\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x06\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x07*\x98\x01\n\x0cVersionState\x12\x1d\n\x19VERSION_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15VERSION_STATE_LOADING\x10\x01\x12\x17\n\x13VERSION_STATE_READY\x10\x02\x12\x18\n\x14VERSION_STATE_FAILED\x10\x03\x12\x1b\n\x17VERSION_STATE_UNLOADING\x10\x04\x32\xbb\x02\n\x08Salience\x12\x44\n\x07Predict\x12\x1b.salience.v1.PredictRequest\x1a\x1c.salience.v1.PredictResponse\x12\x44\n\x07\x45xplain\x12\x1b.salience.v1.ExplainRequest\x1a\x1c.salience.v1.ExplainResponse\x12T\n\x10GetModelMetadata\x12$.salience.v1.GetModelMetadataRequest\x1a\x1a.salience.v1.ModelMetadata\x12M\n\nListModels\x12\x1e.salience.v1.ListModelsRequest\x1a\x1f.salience.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'salience.v1.salience_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATATYPE']._serialized_start=2724
-  _globals['_DATATYPE']._serialized_end=2913
+  _globals['_DATATYPE']._serialized_start=2932
+  _globals['_DATATYPE']._serialized_end=3121
+  _globals['_VERSIONSTATE']._serialized_start=3124
+  _globals['_VERSIONSTATE']._serialized_end=3276
   _globals['_TENSOR']._serialized_start=43
   _globals['_TENSOR']._serialized_end=132
   _globals['_MODELSPEC']._serialized_start=134
@@ -40,35 +42,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTREQUEST']._serialized_start=178
   _globals['_PREDICTREQUEST']._serialized_end=270
   _globals['_PREDICTRESPONSE']._serialized_start=272
-  _globals['_PREDICTRESPONSE']._serialized_end=366
-  _globals['_LAYERREF']._serialized_start=368
-  _globals['_LAYERREF']._serialized_end=418
-  _globals['_OBJECTIVE']._serialized_start=420
-  _globals['_OBJECTIVE']._serialized_end=525
-  _globals['_EXPLANATION']._serialized_start=528
-  _globals['_EXPLANATION']._serialized_end=1024
-  _globals['_EXPLAINREQUEST']._serialized_start=1027
-  _globals['_EXPLAINREQUEST']._serialized_end=1166
-  _globals['_SALIENCYMAP']._serialized_start=1168
-  _globals['_SALIENCYMAP']._serialized_end=1238
-  _globals['_RESOLVEDOBJECTIVE']._serialized_start=1241
-  _globals['_RESOLVEDOBJECTIVE']._serialized_end=1381
-  _globals['_RESOLVEDEXPLANATION']._serialized_start=1384
-  _globals['_RESOLVEDEXPLANATION']._serialized_end=1778
-  _globals['_EXPLAINRESPONSE']._serialized_start=1781
-  _globals['_EXPLAINRESPONSE']._serialized_end=2066
-  _globals['_GETMODELMETADATAREQUEST']._serialized_start=2068
-  _globals['_GETMODELMETADATAREQUEST']._serialized_end=2132
-  _globals['_TENSORSPEC']._serialized_start=2134
-  _globals['_TENSORSPEC']._serialized_end=2213
-  _globals['_LAYERINFO']._serialized_start=2215
-  _globals['_LAYERINFO']._serialized_end=2311
-  _globals['_MODELMETADATA']._serialized_start=2314
-  _globals['_MODELMETADATA']._serialized_end=2634
-  _globals['_LISTMODELSREQUEST']._serialized_start=2636
-  _globals['_LISTMODELSREQUEST']._serialized_end=2655
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2657
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2721
-  _globals['_SALIENCE']._serialized_start=2916
-  _globals['_SALIENCE']._serialized_end=3231
+  _globals['_PREDICTRESPONSE']._serialized_end=382
+  _globals['_LAYERREF']._serialized_start=384
+  _globals['_LAYERREF']._serialized_end=434
+  _globals['_OBJECTIVE']._serialized_start=436
+  _globals['_OBJECTIVE']._serialized_end=541
+  _globals['_EXPLANATION']._serialized_start=544
+  _globals['_EXPLANATION']._serialized_end=1040
+  _globals['_EXPLAINREQUEST']._serialized_start=1043
+  _globals['_EXPLAINREQUEST']._serialized_end=1182
+  _globals['_SALIENCYMAP']._serialized_start=1184
+  _globals['_SALIENCYMAP']._serialized_end=1254
+  _globals['_RESOLVEDOBJECTIVE']._serialized_start=1257
+  _globals['_RESOLVEDOBJECTIVE']._serialized_end=1397
+  _globals['_RESOLVEDEXPLANATION']._serialized_start=1400
+  _globals['_RESOLVEDEXPLANATION']._serialized_end=1794
+  _globals['_EXPLAINRESPONSE']._serialized_start=1797
+  _globals['_EXPLAINRESPONSE']._serialized_end=2098
+  _globals['_GETMODELMETADATAREQUEST']._serialized_start=2100
+  _globals['_GETMODELMETADATAREQUEST']._serialized_end=2164
+  _globals['_TENSORSPEC']._serialized_start=2166
+  _globals['_TENSORSPEC']._serialized_end=2261
+  _globals['_LAYERINFO']._serialized_start=2263
+  _globals['_LAYERINFO']._serialized_end=2359
+  _globals['_MODELMETADATA']._serialized_start=2362
+  _globals['_MODELMETADATA']._serialized_end=2750
+  _globals['_VERSIONSTATUS']._serialized_start=2752
+  _globals['_VERSIONSTATUS']._serialized_end=2842
+  _globals['_LISTMODELSREQUEST']._serialized_start=2844
+  _globals['_LISTMODELSREQUEST']._serialized_end=2863
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2865
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2929
+  _globals['_SALIENCE']._serialized_start=3279
+  _globals['_SALIENCE']._serialized_end=3594
 # @@protoc_insertion_point(module_scope)

@@ -17,6 +17,14 @@ class DataType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DATA_TYPE_INT32: _ClassVar[DataType]
     DATA_TYPE_INT64: _ClassVar[DataType]
     DATA_TYPE_BOOL: _ClassVar[DataType]
+
+class VersionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VERSION_STATE_UNSPECIFIED: _ClassVar[VersionState]
+    VERSION_STATE_LOADING: _ClassVar[VersionState]
+    VERSION_STATE_READY: _ClassVar[VersionState]
+    VERSION_STATE_FAILED: _ClassVar[VersionState]
+    VERSION_STATE_UNLOADING: _ClassVar[VersionState]
 DATA_TYPE_UNSPECIFIED: DataType
 DATA_TYPE_FLOAT32: DataType
 DATA_TYPE_FLOAT16: DataType
@@ -25,6 +33,11 @@ DATA_TYPE_UINT8: DataType
 DATA_TYPE_INT32: DataType
 DATA_TYPE_INT64: DataType
 DATA_TYPE_BOOL: DataType
+VERSION_STATE_UNSPECIFIED: VersionState
+VERSION_STATE_LOADING: VersionState
+VERSION_STATE_READY: VersionState
+VERSION_STATE_FAILED: VersionState
+VERSION_STATE_UNLOADING: VersionState
 
 class Tensor(_message.Message):
     __slots__ = ("name", "dtype", "shape", "data")
@@ -55,12 +68,14 @@ class PredictRequest(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
-    __slots__ = ("model", "outputs")
+    __slots__ = ("model", "outputs", "labels")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     model: ModelSpec
     outputs: _containers.RepeatedCompositeFieldContainer[Tensor]
-    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LayerRef(_message.Message):
     __slots__ = ("name", "index")
@@ -189,20 +204,22 @@ class ResolvedExplanation(_message.Message):
     def __init__(self, method: _Optional[str] = ..., objectives: _Optional[_Iterable[_Union[ResolvedObjective, _Mapping]]] = ..., grad_modifiers: _Optional[_Iterable[str]] = ..., keepdims: _Optional[bool] = ..., normalize: _Optional[bool] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., input: _Optional[str] = ..., channels_reduced: _Optional[bool] = ..., seed: _Optional[int] = ..., backprop_modifier: _Optional[str] = ..., wrt: _Optional[str] = ..., penultimate_layer: _Optional[str] = ..., samples: _Optional[int] = ..., noise: _Optional[float] = ..., steps: _Optional[int] = ..., output: _Optional[str] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("model", "outputs", "maps", "resolved", "completeness_residual", "score_difference")
+    __slots__ = ("model", "outputs", "maps", "resolved", "completeness_residual", "score_difference", "labels")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     MAPS_FIELD_NUMBER: _ClassVar[int]
     RESOLVED_FIELD_NUMBER: _ClassVar[int]
     COMPLETENESS_RESIDUAL_FIELD_NUMBER: _ClassVar[int]
     SCORE_DIFFERENCE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     model: ModelSpec
     outputs: _containers.RepeatedCompositeFieldContainer[Tensor]
     maps: _containers.RepeatedCompositeFieldContainer[SaliencyMap]
     resolved: ResolvedExplanation
     completeness_residual: Tensor
     score_difference: Tensor
-    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., maps: _Optional[_Iterable[_Union[SaliencyMap, _Mapping]]] = ..., resolved: _Optional[_Union[ResolvedExplanation, _Mapping]] = ..., completeness_residual: _Optional[_Union[Tensor, _Mapping]] = ..., score_difference: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., maps: _Optional[_Iterable[_Union[SaliencyMap, _Mapping]]] = ..., resolved: _Optional[_Union[ResolvedExplanation, _Mapping]] = ..., completeness_residual: _Optional[_Union[Tensor, _Mapping]] = ..., score_difference: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetModelMetadataRequest(_message.Message):
     __slots__ = ("model",)
@@ -211,14 +228,16 @@ class GetModelMetadataRequest(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
-    __slots__ = ("name", "dtype", "shape")
+    __slots__ = ("name", "dtype", "shape", "labels")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: DataType
     shape: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LayerInfo(_message.Message):
     __slots__ = ("name", "index", "kind", "output_shape", "activation")
@@ -235,7 +254,7 @@ class LayerInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., index: _Optional[int] = ..., kind: _Optional[str] = ..., output_shape: _Optional[_Iterable[int]] = ..., activation: _Optional[str] = ...) -> None: ...
 
 class ModelMetadata(_message.Message):
-    __slots__ = ("name", "versions", "version", "inputs", "outputs", "layers", "methods", "grad_modifiers", "max_batch_size", "backprop_modifiers", "max_samples", "max_steps")
+    __slots__ = ("name", "versions", "version", "inputs", "outputs", "layers", "methods", "grad_modifiers", "max_batch_size", "backprop_modifiers", "max_samples", "max_steps", "device", "version_status")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -248,6 +267,8 @@ class ModelMetadata(_message.Message):
     BACKPROP_MODIFIERS_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_STATUS_FIELD_NUMBER: _ClassVar[int]
     name: str
     versions: _containers.RepeatedScalarFieldContainer[int]
     version: int
@@ -260,7 +281,19 @@ class ModelMetadata(_message.Message):
     backprop_modifiers: _containers.RepeatedScalarFieldContainer[str]
     max_samples: int
     max_steps: int
-    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[int]] = ..., version: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., methods: _Optional[_Iterable[str]] = ..., grad_modifiers: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ..., backprop_modifiers: _Optional[_Iterable[str]] = ..., max_samples: _Optional[int] = ..., max_steps: _Optional[int] = ...) -> None: ...
+    device: str
+    version_status: _containers.RepeatedCompositeFieldContainer[VersionStatus]
+    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[int]] = ..., version: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., methods: _Optional[_Iterable[str]] = ..., grad_modifiers: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ..., backprop_modifiers: _Optional[_Iterable[str]] = ..., max_samples: _Optional[int] = ..., max_steps: _Optional[int] = ..., device: _Optional[str] = ..., version_status: _Optional[_Iterable[_Union[VersionStatus, _Mapping]]] = ...) -> None: ...
+
+class VersionStatus(_message.Message):
+    __slots__ = ("version", "state", "reason")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    state: VersionState
+    reason: str
+    def __init__(self, version: _Optional[int] = ..., state: _Optional[_Union[VersionState, str]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

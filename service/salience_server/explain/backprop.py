@@ -325,17 +325,25 @@ def explain_model(runtime: ModelRuntime, graph: Graph, layers: Sequence[int] = (
 
     Use it instead of `common.explain_model` in a method that honours
     `graph.backprop_modifier`; `layers` are layer indices (e.g. `graph.wrt`).
+    The model's input preprocessing runs in front, so gradients are with respect
+    to the inputs as requests send them.
     """
+    if not runtime.has_layers:
+        # No Keras graph to cut (a SavedModel signature): the targets are outputs, and
+        # layer options were refused before planning.
+        return runtime.output_model(graph.targets)
     with runtime._lock:
         model = model_for(runtime, graph)
         resolver = resolver_for(runtime, graph)
         tensors = [resolver.tensor(t) for t in graph.targets]
         extra = [ancestry.single_output(model.layers[i]) for i in layers]
         suffix = f"_{graph.backprop_modifier}" if graph.backprop_modifier else ""
-        return keras.Model(
-            model.inputs,
-            [*tensors, *extra, *model.outputs],
-            name=f"{runtime.name}_explain{suffix}",
+        return runtime.preprocessing.wrap(
+            keras.Model(
+                model.inputs,
+                [*tensors, *extra, *model.outputs],
+                name=f"{runtime.name}_explain{suffix}",
+            )
         )
 
 

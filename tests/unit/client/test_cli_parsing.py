@@ -363,6 +363,7 @@ def test_models_listing_shows_free_dims_and_dtype_names() -> None:
             "inputs": [{"name": "image", "dtype": "float32", "shape": [None, 4, 5, 3]}],
             "outputs": [{"name": "probs", "dtype": "float32", "shape": [None, 4]}],
             "max_batch_size": 0,
+            "version_status": [],
         }
     ]
     json.dumps(models_json(listing))  # serialisable as is
@@ -371,6 +372,30 @@ def test_models_listing_shows_free_dims_and_dtype_names() -> None:
     assert "image" in text
     assert "float32" in text
     assert "[N, 4, 5, 3]" in text
+
+
+def test_models_listing_shows_versions_that_are_not_simply_served() -> None:
+    listing = metadata([-1, 4])
+    listing.version_status.extend(
+        [
+            pb.VersionStatus(version=0, state=pb.VERSION_STATE_FAILED, reason="bad toml"),
+            pb.VersionStatus(version=1, state=pb.VERSION_STATE_UNLOADING),
+            pb.VersionStatus(version=3, state=pb.VERSION_STATE_READY),
+            pb.VersionStatus(version=4, state=pb.VERSION_STATE_LOADING),
+            pb.VersionStatus(version=5, state=pb.VERSION_STATE_FAILED, reason="not a zip"),
+        ]
+    )
+    assert format_models([listing])[1:5] == [
+        "  config.toml: failed: bad toml",
+        "  version 1: unloading",
+        "  version 4: loading",
+        "  version 5: failed: not a zip",
+    ]
+    assert models_json([listing])[0]["version_status"][-1] == {
+        "version": 5,
+        "state": "failed",
+        "reason": "not a zip",
+    }
 
 
 def test_predictions_name_the_argmax_of_probability_outputs_only() -> None:

@@ -59,21 +59,28 @@ def sum_over_copies(
     perturb: Perturb,
     contribute: Contribute,
     totals: dict[str, tf.Tensor],
+    static_chunks: bool = False,
 ) -> dict[str, tf.Tensor]:
     """Adds `contribute(∂s/∂copy)` over `copies` copies of every sample to `totals`.
 
     `model` is an explain model (`[*targets, *outputs]`), `params` holds the
     per-sample objective weights, `totals` the per-sample accumulators (B, ...).
+    With `static_chunks` (for XLA, which compiles only shapes it knows when it
+    compiles) every chunk holds the same number of copies, the largest divisor of
+    `copies` that fits, so no chunk's shape depends on the loop.
     """
     x = inputs[explained]
     batch = tf.shape(x)[0]
     per_chunk = tf.maximum(1, CHUNK_ROWS // tf.maximum(batch, 1))
+    if static_chunks:
+        divisors = tf.constant([d for d in range(1, copies + 1) if copies % d == 0])
+        per_chunk = tf.reduce_max(tf.where(divisors <= per_chunk, divisors, 1))
     samples = tf.range(batch)
     weights = score_weights(params)
     keys = sorted(totals)
 
     def body(start: tf.Tensor, *acc: tf.Tensor) -> tuple[tf.Tensor, ...]:
-        count = tf.minimum(per_chunk, copies - start)
+        count = per_chunk if static_chunks else tf.minimum(per_chunk, copies - start)
         copy_index = start + tf.range(count)
         # Copy-major rows: row i*B + b is copy start+i of sample b.
         row_copy = tf.repeat(copy_index, batch)

@@ -176,6 +176,7 @@ class IntegratedGradients(Method):
                 perturb,
                 contribute,
                 {"mean": copies.zeros_like_float(x)},
+                static_chunks=runtime.placement.xla,
             )
             attributions = tf.cast(x - baseline, tf.float32) * totals["mean"]
             total = tf.reduce_sum(tf.reshape(attributions, [batch, -1]), axis=1)

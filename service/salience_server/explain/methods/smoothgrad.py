@@ -181,6 +181,7 @@ class SmoothGrad(Method):
                 perturb,
                 contribute,
                 {m: copies.zeros_like_float(x) for m in grad_modifiers},
+                static_chunks=runtime.placement.xla,
             )
             raw = {f"{MEAN}{m}": totals[m] / float(samples) for m in grad_modifiers}
             return tuple(outputs), raw
