@@ -742,7 +742,10 @@ def format_models(models: Sequence[pb.ModelMetadata]) -> list[str]:
     lines: list[str] = []
     for m in models:
         versions = ", ".join(str(v) for v in m.versions)
-        lines.append(f"{m.name}  version {m.version} (served: {versions})")
+        if m.versions:
+            lines.append(f"{m.name}  version {m.version} (served: {versions})")
+        else:
+            lines.append(f"{m.name}  not served")
         # Versions that are not simply served: loading, unloading, or failed with why.
         for status in m.version_status:
             if status.state == pb.VERSION_STATE_READY and not status.reason:

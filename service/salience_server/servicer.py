@@ -78,6 +78,12 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         self, request: pb.ListModelsRequest, context: aio.ServicerContext
     ) -> pb.ListModelsResponse:
         names = self.core.ready_names()
-        return pb.ListModelsResponse(
-            models=[self._metadata(name, 0, with_layers=False) for name in names]
-        )
+        models = [self._metadata(name, 0, with_layers=False) for name in names]
+        # Models that do not serve (loading, or failed as a whole) are listed too,
+        # with only their name and version states, so operators see why.
+        repository = self.core.repository
+        for name in sorted(repository.known() - set(names)):
+            statuses = convert.version_status(repository.statuses(name))
+            if statuses:
+                models.append(pb.ModelMetadata(name=name, version_status=statuses))
+        return pb.ListModelsResponse(models=models)

@@ -280,7 +280,13 @@ def test_configuration_changes_and_models_that_come_and_go(
         # A new model directory is loaded and gets its health entry ...
         (repo / "n").mkdir()
         put_version(staging, repo, "n", 1, 3)
-        wait_for("model n listed", lambda: [m.name for m in client.list_models()] == ["m", "n"])
+        wait_for(
+            "model n served",
+            lambda: (
+                [(m.name, list(m.versions)) for m in client.list_models()]
+                == [("m", [1, 2]), ("n", [1])]
+            ),
+        )
         assert client.predict("n", X).outputs["out"].tolist() == [[3.0]]
         assert health(running.target, "n") == SERVING
 
@@ -295,6 +301,30 @@ def test_configuration_changes_and_models_that_come_and_go(
         wait_for("model n unloaded", lambda: batcher_tasks_left(running) <= 0)
     assert traffic.failures == []
     assert {v for seen in traffic.versions for v in seen} == {2}
+
+
+def test_a_model_that_fails_entirely_is_listed_with_its_reason(
+    tmp_path: Path, staging: Path, client_of: Callable[[RunningServer], SalienceClient]
+) -> None:
+    repo = new_repo(tmp_path, staging, {"m": [1]})
+    (repo / "bad").mkdir()
+    put_garbage(repo, "bad", 1)
+    with running_server(repo, **POLL) as running:
+        client = client_of(running)
+        listed = {m.name: m for m in client.list_models()}
+        assert sorted(listed) == ["bad", "m"]
+        assert list(listed["m"].versions) == [1]
+        bad = listed["bad"]
+        assert list(bad.versions) == []
+        (status,) = bad.version_status
+        assert (status.version, status.state) == (1, FAILED)
+        assert str(repo / "bad" / "1" / "model.keras") in status.reason
+        lines = format_models([bad])
+        assert lines[0] == "bad  not served"
+        assert lines[1] == f"  version 1: failed: {status.reason}"
+        with pytest.raises(SalienceError) as caught:
+            client.predict("bad", X)
+        assert caught.value.code == grpc.StatusCode.NOT_FOUND
 
 
 def test_a_request_in_flight_during_a_swap_finishes_on_its_version(
