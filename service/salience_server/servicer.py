@@ -13,7 +13,7 @@ from grpc import aio
 from salience.v1 import salience_pb2 as pb
 from salience.v1 import salience_pb2_grpc
 from salience_server import convert
-from salience_server.core import InferenceCore
+from salience_server.core import LOADING, InferenceCore
 from salience_server.explain.modifiers import GRAD_MODIFIERS
 
 
@@ -84,6 +84,11 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         repository = self.core.repository
         for name in sorted(repository.known() - set(names)):
             statuses = convert.version_status(repository.statuses(name))
+            if self.core.state(name) == LOADING:
+                # Loaded but still warming up: not ready to serve yet.
+                for status in statuses:
+                    if status.state == pb.VERSION_STATE_READY:
+                        status.state = pb.VERSION_STATE_LOADING
             if statuses:
                 models.append(pb.ModelMetadata(name=name, version_status=statuses))
         return pb.ListModelsResponse(models=models)

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from salience.v1 import salience_pb2 as pb
 from salience_client import SalienceError
 from salience_server.app import SERVICE_NAME, run
 from salience_server.repository import RepositoryError
@@ -107,7 +108,14 @@ def test_health_turns_serving_model_by_model_and_loading_models_are_unavailable(
         with pytest.raises(SalienceError) as caught:
             client.metadata("softmax")
         assert caught.value.code == grpc.StatusCode.UNAVAILABLE
-        assert [m.name for m in client.list_models()] == ["linear", "smooth"]
+        listed = {m.name: m for m in client.list_models()}
+        assert sorted(listed) == ["linear", "smooth", "softmax"]
+        assert [list(listed[n].versions) for n in ("linear", "smooth")] == [[1], [1]]
+        # The warming model is listed as loading, with no version served yet.
+        assert list(listed["softmax"].versions) == []
+        assert [(s.version, s.state) for s in listed["softmax"].version_status] == [
+            (1, pb.VERSION_STATE_LOADING)
+        ]
 
         gate.set()
         running.call(running.server.wait_ready())

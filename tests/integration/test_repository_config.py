@@ -323,7 +323,12 @@ def test_a_bad_configuration_fails_only_its_model(client: SalienceClient) -> Non
         "model.name='bad' is not served (it failed to load: config.toml: "
         "preprocess.channel_order='rbg' is not allowed: use one of 'rgb', 'bgr'): choose one of"
     )
-    assert "bad" not in [m.name for m in client.list_models()]
+    # Listed, not served, with the reason.
+    (bad,) = [m for m in client.list_models() if m.name == "bad"]
+    assert list(bad.versions) == []
+    (status,) = bad.version_status
+    assert status.version == 0  # the model's configuration
+    assert status.reason.startswith("config.toml: preprocess.channel_order='rbg'")
 
 
 @pytest.mark.parametrize("name", ["../linear_plain", "linear_plain/1", "/etc", "..", "a\x00"])
