@@ -28,7 +28,6 @@ import signal
 import time
 from pathlib import Path
 
-import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -39,11 +38,11 @@ from salience_server import devices
 from salience_server.core import InferenceCore
 from salience_server.demo import bundled_repository
 from salience_server.devices import Placement
-from salience_server.errors import ErrorInterceptor
+from salience_server.errors import Call, ErrorInterceptor
 from salience_server.metrics import Metrics
 from salience_server.plugins import load_plugins
 from salience_server.reload import RepositoryWatcher, cancel
-from salience_server.repository import ModelRepository, RepositoryError, scan
+from salience_server.repository import LOADING, READY, ModelRepository, RepositoryError, scan
 from salience_server.servicer import SalienceServicer
 from salience_server.settings import Settings
 
@@ -80,9 +79,27 @@ class SalienceServer:
     def repository_root(self) -> Path:
         return self.settings.model_repository or bundled_repository()
 
-    def _observe(self, rpc: str, code: grpc.StatusCode, seconds: float) -> None:
-        self.metrics.requests.labels(rpc, code.name).inc()
-        self.metrics.request_seconds.labels(rpc).observe(seconds)
+    def _observe(self, call: Call) -> None:
+        self.metrics.observe(call, self._known_models)
+
+    def _known_models(self) -> set[str]:
+        return set() if self.core is None else self.core.repository.known()
+
+    def _version_states(self) -> list[tuple[str, str]]:
+        """(model, state) for every version, as ListModels reports them: a loaded
+        version stays `loading` until its model is warmed up.
+        """
+        core = self.core
+        if core is None:
+            return []
+        repository = core.repository
+        found = []
+        for name in sorted(repository.known()):
+            warming = core.state(name) == LOADING
+            for status in repository.statuses(name):
+                state = LOADING if warming and status.state == READY else status.state
+                found.append((name, state))
+        return found
 
     async def start(self) -> int:
         """Binds the port with every health status NOT_SERVING, starts loading the
@@ -100,6 +117,7 @@ class SalienceServer:
             expected = sorted(await asyncio.to_thread(scan, self.repository_root))
         self.core = InferenceCore(None, self.settings, self.metrics)
         self.core.expect(expected)
+        self.metrics.track_model_versions(self._version_states)
         limit = self.settings.max_message_bytes
         server = aio.server(
             interceptors=[ErrorInterceptor(self._observe)],

@@ -11,6 +11,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -74,8 +76,37 @@ def allowed(values: Any, limit: int = 12) -> str:
 
 
 Handler = Callable[[Any, aio.ServicerContext], Awaitable[Any]]
-Observer = Callable[[str, grpc.StatusCode, float], None]
-"""Told each answered RPC's method, status code and duration in seconds."""
+
+
+@dataclass
+class Call:
+    """One RPC as the metrics see it. The interceptor fills in the RPC, sizes, status
+    and duration; the handler names the model and method it served (`label_call`),
+    since only it has decoded the request.
+    """
+
+    rpc: str
+    model: str = ""
+    method: str = ""
+    request_bytes: int = 0
+    response_bytes: int = 0
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    seconds: float = 0.0
+    done: bool = False  # False while it runs, True once answered
+
+
+_CALL: ContextVar[Call | None] = ContextVar("salience_call", default=None)
+
+
+def label_call(model: str, method: str) -> None:
+    """Names the model and method of the RPC being handled (outside one: nothing)."""
+    call = _CALL.get()
+    if call is not None:
+        call.model, call.method = model, method
+
+
+Observer = Callable[[Call], None]
+"""Told of each RPC twice: when it starts, and once answered (`Call.done`)."""
 
 
 def _guard(method: str, handler: Handler, observe: Observer) -> Handler:
@@ -83,27 +114,41 @@ def _guard(method: str, handler: Handler, observe: Observer) -> Handler:
 
     async def guarded(request: Any, context: aio.ServicerContext) -> Any:
         start = time.perf_counter()
-        code = grpc.StatusCode.OK
+        # A fresh object per call, so concurrent calls never share labels.
+        call = Call(rpc, request_bytes=request.ByteSize())
+        token = _CALL.set(call)
+        observe(call)
+
+        def answered(code: grpc.StatusCode) -> None:
+            # Observed before the status is sent: a caller that has its answer can
+            # scrape the metrics and find the call counted.
+            if not call.done:
+                call.code, call.seconds, call.done = code, time.perf_counter() - start, True
+                observe(call)
+
         try:
-            return await handler(request, context)
+            response = await handler(request, context)
+            call.response_bytes = response.ByteSize()
+            answered(grpc.StatusCode.OK)
+            return response
         except ServiceError as err:
-            code = err.code
+            answered(err.code)
             await context.abort(err.code, err.message)
         except aio.AbortError:
-            code = context.code() or grpc.StatusCode.UNKNOWN
+            answered(context.code() or grpc.StatusCode.UNKNOWN)
             raise
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            answered(grpc.StatusCode.CANCELLED)
             raise
         except Exception:
-            code = grpc.StatusCode.INTERNAL
             log.exception("unexpected failure in %s", method)
+            answered(grpc.StatusCode.INTERNAL)
             await context.abort(
                 grpc.StatusCode.INTERNAL,
                 f"internal error while serving {rpc}; the server log has the details",
             )
         finally:
-            observe(rpc, code, time.perf_counter() - start)
+            _CALL.reset(token)
 
     return guarded
 
@@ -113,7 +158,7 @@ class ErrorInterceptor(aio.ServerInterceptor):
     and reports every answered call to an observer (the metrics).
     """
 
-    def __init__(self, observe: Observer = lambda rpc, code, seconds: None) -> None:
+    def __init__(self, observe: Observer = lambda call: None) -> None:
         self._observe = observe
 
     async def intercept_service(

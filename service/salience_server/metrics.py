@@ -6,10 +6,17 @@ Latencies are histograms with their unit in the name.
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from salience_server.errors import Call
+
+log = logging.getLogger(__name__)
 
 # Spans a cached small-model call (ms) to a large batch on CPU (tens of seconds).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -17,6 +24,10 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 QUEUE_WAIT_BUCKETS = (0.0001, 0.00025, 0.0005, *LATENCY_BUCKETS)
 # Samples per device call: the default padding buckets, and beyond.
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# Message sizes: an empty metadata request (bytes) to the default 64 MiB message cap.
+BYTES_BUCKETS = tuple(float(4**i) for i in range(2, 14))
+# Every state a model version can be in (repository.VersionStatus.state).
+VERSION_STATES = ("loading", "ready", "failed", "unloading")
 
 
 class Metrics:
@@ -24,17 +35,40 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        # `model` is a model the repository knows, else "" (a caller cannot grow the
+        # label set by naming models); `method` is the explanation method for
+        # Explain, "predict" for Predict and "" for the other RPCs.
         self.requests = Counter(
             "salience_requests",
-            "RPCs answered, by method and status code",
-            ["rpc", "code"],
+            "RPCs answered, by RPC, model, method and status code",
+            ["rpc", "model", "method", "code"],
             registry=registry,
         )
         self.request_seconds = Histogram(
             "salience_request_duration_seconds",
             "Time from receiving an RPC to answering it",
-            ["rpc"],
+            ["rpc", "model", "method"],
             buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.request_bytes = Histogram(
+            "salience_request_bytes",
+            "Serialized size of each request message",
+            ["rpc"],
+            buckets=BYTES_BUCKETS,
+            registry=registry,
+        )
+        self.response_bytes = Histogram(
+            "salience_response_bytes",
+            "Serialized size of each response message (answered with OK)",
+            ["rpc"],
+            buckets=BYTES_BUCKETS,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "salience_requests_in_flight",
+            "RPCs received and not yet answered",
+            ["rpc"],
             registry=registry,
         )
         self.compute_seconds = Histogram(
@@ -85,6 +119,28 @@ class Metrics:
             registry=registry,
         )
 
+    def observe(self, call: Call, known: Callable[[], Iterable[str]]) -> None:
+        """Counts an RPC as it starts and once it is answered; `known` gives the
+        models that may appear as a label.
+        """
+        if not call.done:
+            self.in_flight.labels(call.rpc).inc()
+            return
+        self.in_flight.labels(call.rpc).dec()
+        model = call.model if call.model and call.model in known() else ""
+        self.requests.labels(call.rpc, model, call.method, call.code.name).inc()
+        self.request_seconds.labels(call.rpc, model, call.method).observe(call.seconds)
+        self.request_bytes.labels(call.rpc).observe(call.request_bytes)
+        if call.code.name == "OK":
+            self.response_bytes.labels(call.rpc).observe(call.response_bytes)
+
+    def track_model_versions(self, read: Callable[[], Iterable[tuple[str, str]]]) -> None:
+        """Adds `salience_model_versions{model, state}`: how many versions of each
+        model are in each state, read from `read` ((model, state) per version) at
+        every scrape, so it follows loads, reloads and failures without hooks.
+        """
+        self.registry.register(_VersionsCollector(read))
+
     def track_device_memory(self, device: str, read: Callable[[], Mapping[str, int]]) -> None:
         """Adds `salience_device_memory_bytes{device, stat}`: the bytes TensorFlow holds
         on `device` now (`current`) and at most (`peak`), read at every scrape. Only
@@ -113,3 +169,37 @@ class Metrics:
         """Exposes /metrics over HTTP on a daemon thread; returns the bound port."""
         server, _ = start_http_server(port, addr=host, registry=self.registry)
         return int(server.server_address[1])
+
+
+class _VersionsCollector(Collector):
+    """Counts model versions by state at scrape time."""
+
+    def __init__(self, read: Callable[[], Iterable[tuple[str, str]]]) -> None:
+        self._read = read
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        # Described without reading: registration happens before anything loaded.
+        return [self._family()]
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "salience_model_versions",
+            "Model versions the server knows, by state (loading, ready, failed, unloading)",
+            labels=["model", "state"],
+        )
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = self._family()
+        counts: dict[tuple[str, str], int] = {}
+        try:
+            for model, state in self._read():
+                counts[model, state] = counts.get((model, state), 0) + 1
+        except Exception:  # a scrape must not fail because a reload changed the repository
+            log.debug("model versions not readable during this scrape", exc_info=True)
+            counts = {}
+        # Every state of a known model is present (0 too), so alerts need no absent().
+        for model in sorted({m for m, _ in counts}):
+            for state in VERSION_STATES:
+                family.add_metric([model, state], counts.get((model, state), 0))
+        yield family

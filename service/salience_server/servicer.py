@@ -14,7 +14,10 @@ from salience.v1 import salience_pb2 as pb
 from salience.v1 import salience_pb2_grpc
 from salience_server import convert
 from salience_server.core import LOADING, InferenceCore
+from salience_server.errors import label_call
+from salience_server.explain.methods import METHODS
 from salience_server.explain.modifiers import GRAD_MODIFIERS
+from salience_server.explain.options import VANILLA
 
 
 def deadline(context: aio.ServicerContext) -> float | None:
@@ -30,6 +33,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
     async def Predict(
         self, request: pb.PredictRequest, context: aio.ServicerContext
     ) -> pb.PredictResponse:
+        label_call(request.model.name, "predict")
         arrays = convert.request_inputs(request.inputs)
         runtime, outputs = await self.core.predict(
             request.model.name, request.model.version, arrays, deadline(context)
@@ -43,6 +47,10 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
     async def Explain(
         self, request: pb.ExplainRequest, context: aio.ServicerContext
     ) -> pb.ExplainResponse:
+        # Labelled first, so requests that fail to decode are counted by model too;
+        # an unknown method gets "" so callers cannot grow the label set.
+        method = request.explanation.method or VANILLA
+        label_call(request.model.name, method if method in METHODS else "")
         arrays = convert.request_inputs(request.inputs)
         options = convert.explain_options(request.explanation)
         runtime, result = await self.core.explain(
@@ -72,6 +80,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
     async def GetModelMetadata(
         self, request: pb.GetModelMetadataRequest, context: aio.ServicerContext
     ) -> pb.ModelMetadata:
+        label_call(request.model.name, "")
         return self._metadata(request.model.name, request.model.version, with_layers=True)
 
     async def ListModels(

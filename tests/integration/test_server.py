@@ -61,10 +61,19 @@ def test_metrics_are_exposed_in_prometheus_format(repo: Path) -> None:
         port = running.server.metrics_port
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
     text = body.decode()
-    assert 'salience_requests_total{code="OK",rpc="Explain"} 1.0' in text
-    assert 'salience_requests_total{code="NOT_FOUND",rpc="Predict"} 1.0' in text
+    assert (
+        'salience_requests_total{code="OK",method="vanilla",model="linear",rpc="Explain"} 1.0'
+        in text
+    )
+    assert (
+        'salience_requests_total{code="NOT_FOUND",method="predict",model="",rpc="Predict"} 1.0'
+        in text
+    )
     assert 'salience_samples_total{kind="explain",model="linear"} 3.0' in text
-    assert 'salience_request_duration_seconds_count{rpc="Predict"} 2.0' in text
+    assert (
+        'salience_request_duration_seconds_count{method="predict",model="linear",rpc="Predict"} 1.0'
+        in text
+    )
     assert 'salience_compute_duration_seconds_count{kind="predict",model="linear"} 1.0' in text
 
 
