@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from salience_server.errors import FailedPrecondition
+from salience_server.errors import FailedPrecondition, InvalidArgument
 from salience_server.explain import modifiers
 from salience_server.explain.engine import Graph, Method, Plan, Post, RawTensors, per_sample
 from salience_server.explain.options import ExplainOptions, ResolvedExplanation
@@ -127,3 +127,12 @@ def gradient_finish(
     plan: Plan, raw: RawTensors
 ) -> tuple[dict[str, tf.Tensor], dict[str, tf.Tensor]]:
     return finish_gradient_maps(plan, raw["grads"]), {}
+
+
+def refuse_wrt(method: Method, options: ExplainOptions, why: str) -> None:
+    """Refuses `wrt` for a method defined on the model input; `why` says how."""
+    if options.wrt is not None:
+        raise InvalidArgument(
+            f"explanation.wrt is not supported by method {method.name!r}: {why}; leave wrt "
+            "unset (use method 'vanilla' for the gradient of a layer)"
+        )

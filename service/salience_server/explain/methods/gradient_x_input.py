@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 import tensorflow as tf
 
-from salience_server.errors import InvalidArgument
 from salience_server.explain import backprop
 from salience_server.explain.engine import DeviceFunction, Graph, Method, Plan, RawTensors
 from salience_server.explain.methods import common, copies
@@ -26,12 +25,12 @@ class GradientXInput(Method):
     name = GRADIENT_X_INPUT
 
     def plan(self, runtime: ModelRuntime, options: ExplainOptions, batch: int) -> Plan:
-        if options.wrt is not None:
-            raise InvalidArgument(
-                f"explanation.wrt is not supported by method {self.name!r}: it multiplies the "
-                "gradient by the model input, so the gradient is taken with respect to that "
-                "input; leave wrt unset (use method 'vanilla' for the gradient of a layer)"
-            )
+        common.refuse_wrt(
+            self,
+            options,
+            "it multiplies the gradient by the model input, so the gradient is taken with "
+            "respect to that input",
+        )
         return backprop.plan_gradient(runtime, self, options, batch, with_wrt=False)
 
     def build(

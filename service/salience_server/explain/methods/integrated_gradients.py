@@ -100,12 +100,12 @@ class IntegratedGradients(Method):
     name = INTEGRATED_GRADIENTS
 
     def plan(self, runtime: ModelRuntime, options: ExplainOptions, batch: int) -> Plan:
-        if options.wrt is not None:
-            raise InvalidArgument(
-                f"explanation.wrt is not supported by method {self.name!r}: its path runs from "
-                "the baseline to the model input and its completeness is measured there; leave "
-                "wrt unset (use method 'vanilla' for the gradient of a layer)"
-            )
+        common.refuse_wrt(
+            self,
+            options,
+            "its path runs from the baseline to the model input and its completeness is "
+            "measured there",
+        )
         steps = options.steps or DEFAULT_STEPS
         if steps < 1:
             raise InvalidArgument(

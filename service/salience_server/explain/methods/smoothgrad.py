@@ -94,12 +94,12 @@ class SmoothGrad(Method):
     name = SMOOTHGRAD
 
     def plan(self, runtime: ModelRuntime, options: ExplainOptions, batch: int) -> Plan:
-        if options.wrt is not None:
-            raise InvalidArgument(
-                f"explanation.wrt is not supported by method {self.name!r}: its noise is added "
-                "to the model input, so its gradients are taken with respect to that input; "
-                "leave wrt unset (use method 'vanilla' for the gradient of a layer)"
-            )
+        common.refuse_wrt(
+            self,
+            options,
+            "its noise is added to the model input, so its gradients are taken with respect "
+            "to that input",
+        )
         noise = DEFAULT_NOISE if options.noise is None else float(options.noise)
         if not (np.isfinite(noise) and noise >= 0):
             raise InvalidArgument(
