@@ -41,21 +41,6 @@ REPEATS = 3
 BATCH = {"shapes": 8, "mobilenet": 2}  # in-process batch per call, (b)
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import keras
-
-    from salience_server.demo import bundled_repository
-
-    root = tmp_path_factory.mktemp("device-bench-repo")
-    keras.utils.set_random_seed(0)
-    model = keras.applications.MobileNetV2(weights=None, input_shape=(224, 224, 3), classes=1000)
-    (root / "mobilenet" / "1").mkdir(parents=True)
-    model.save(root / "mobilenet" / "1" / "model.keras")
-    shutil.copytree(bundled_repository() / "shapes", root / "shapes")
-    return root
-
-
 def shape_of(model: str) -> tuple[int, int, int]:
     return (224, 224, 3) if model == "mobilenet" else (64, 64, 3)
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import statistics
@@ -54,21 +53,6 @@ DISTINCT_SAMPLES = 16
 START_TIMEOUT_S = 300
 ENTRY_POINT = Path(sys.executable).with_name("salience")
 CLI = [str(ENTRY_POINT)] if ENTRY_POINT.exists() else [sys.executable, "-m", "salience_client.cli"]
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import keras
-
-    from salience_server.demo import bundled_repository
-
-    root = tmp_path_factory.mktemp("bench-repo")
-    keras.utils.set_random_seed(0)
-    model = keras.applications.MobileNetV2(weights=None, input_shape=(224, 224, 3), classes=1000)
-    (root / "mobilenet" / "1").mkdir(parents=True)
-    model.save(root / "mobilenet" / "1" / "model.keras")
-    shutil.copytree(bundled_repository() / "shapes", root / "shapes")
-    return root
 
 
 # Servers in subprocesses -------------------------------------------------------------
