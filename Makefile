@@ -9,7 +9,11 @@ SERVER_EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || ech
 CONSTRAINTS ?= $(if $(filter gpu,$(SERVER_EXTRA)),constraints-gpu.txt,constraints.txt)
 SERVE_ARGS ?=
 
-.PHONY: install install-test serve test lint protos lock bench clean
+# Programs the tests run for real (a Prometheus server and promtool; headless
+# Chromium for the review report), from Debian's packages when they are missing.
+TEST_PROGRAMS := prometheus:prometheus promtool:prometheus chromium:chromium
+
+.PHONY: install install-test test-programs serve test lint protos lock bench clean
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +22,19 @@ $(BIN)/uv:
 install: $(BIN)/uv
 	$(BIN)/uv pip install --python $(BIN)/python --quiet -c $(CONSTRAINTS) -e ".[$(SERVER_EXTRA)]"
 
-install-test: $(BIN)/uv
+install-test: $(BIN)/uv test-programs
 	$(BIN)/uv pip install --python $(BIN)/python --quiet -c constraints.txt -e ".[server-cpu,test]"
+
+test-programs:
+	@missing=""; for pair in $(TEST_PROGRAMS); do \
+		command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+		echo "installing Debian packages:$$missing"; \
+		$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			$$sudo apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
 
 serve: install
 	$(BIN)/salience serve $(SERVE_ARGS)

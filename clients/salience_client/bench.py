@@ -321,3 +321,50 @@ def run(load: Load, progress: bool = True) -> BenchResult:
 async def run_async(load: Load, progress: bool = False) -> BenchResult:
     """`run` for callers that already have an event loop."""
     return await _run(load, progress)
+
+
+# The plot ------------------------------------------------------------------------
+
+PLOT_PERCENTILES = (50.0, 90.0, 99.0)
+
+
+def plot(result: BenchResult, path: Any) -> Any:
+    """Draws the latency distribution of the answered-OK requests to a PNG at `path`:
+    a histogram on log-spaced bins and the percentile curve with p50/p90/p99 marked.
+    Returns the matplotlib Figure (its axes hold exactly the plotted values).
+    """
+    # A Figure without pyplot: no GUI backend, no global state, safe in any thread.
+    from matplotlib.figure import Figure
+
+    lat = np.sort(np.asarray(result.ok_latencies, dtype=np.float64) * 1000.0)
+    summary = result.summary()
+    mode = f"open loop {result.rate:g}/s" if result.rate else f"concurrency {result.concurrency}"
+    figure = Figure(figsize=(10, 4), dpi=100, layout="constrained")
+    figure.suptitle(
+        f"{result.rpc}: {summary['ok']} ok of {summary['requests']} requests, {mode}, "
+        f"{summary['requests_per_s']:.1f} requests/s"
+    )
+    hist, curve = figure.subplots(1, 2)
+    if lat.size:
+        # Log-spaced bins: latencies span a cached millisecond to a queued second.
+        low, high = max(lat[0], 1e-3), max(lat[-1], lat[0] * 1.01, 1e-3 * 1.01)
+        bins = np.geomspace(low, high, 40)
+        hist.hist(np.clip(lat, low, high), bins=bins, color="tab:blue")
+        hist.set_xscale("log")
+        ranks = 100.0 * (np.arange(lat.size) + 1) / lat.size
+        curve.plot(ranks, lat, color="tab:blue")
+        for q, colour in zip(PLOT_PERCENTILES, ("tab:green", "tab:orange", "tab:red"), strict=True):
+            value = float(np.percentile(lat, q))
+            curve.axhline(value, color=colour, linestyle="--", label=f"p{q:g} {value:.2f} ms")
+            hist.axvline(value, color=colour, linestyle="--")
+        curve.legend(loc="upper left")
+    else:
+        hist.text(0.5, 0.5, "no request succeeded", ha="center", transform=hist.transAxes)
+    hist.set_xlabel("latency (ms)")
+    hist.set_ylabel("requests")
+    hist.set_title("latency histogram")
+    curve.set_xlabel("percentile")
+    curve.set_ylabel("latency (ms)")
+    curve.set_title("latency by percentile")
+    figure.savefig(path, format="png")
+    return figure

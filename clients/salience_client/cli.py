@@ -463,6 +463,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--json", action="store_true", help="print the figures as JSON")
     bench.add_argument(
+        "--plot",
+        type=Path,
+        metavar="FILE.png",
+        help="also draw the latency histogram and percentile curve to this PNG",
+    )
+    bench.add_argument(
         "inputs",
         nargs="*",
         type=Path,
@@ -990,6 +996,11 @@ def bench_samples(args: argparse.Namespace, metadata: pb.ModelMetadata) -> np.nd
 def cmd_bench(args: argparse.Namespace) -> int:
     from salience_client import bench
 
+    # Checked before the run: a load test is not something to repeat for a typo.
+    if args.plot is not None and args.plot.suffix.lower() != ".png":
+        raise UsageError(f"--plot {args.plot} must name a .png file")
+    if args.plot is not None:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
     with _client(args) as client:
         metadata = client.metadata(args.model, version=args.version)
     samples = bench_samples(args, metadata)
@@ -1015,6 +1026,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         warmup=args.concurrency if args.warmup is None else args.warmup,
     )
     result = bench.run(load, progress=True)
+    if args.plot is not None:
+        bench.plot(result, args.plot)
     if args.json:
         summary = {"target": args.target, "model": args.model, **result.summary()}
         print(json.dumps(summary, indent=2))

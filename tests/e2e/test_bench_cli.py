@@ -147,6 +147,26 @@ def test_inputs_from_files_and_open_loop(served: RunningServer, tmp_path: Path) 
     assert computed_samples(served) - before == 60
 
 
+def test_plot_draws_the_latencies_of_the_run(served: RunningServer, tmp_path: Path) -> None:
+    from PIL import Image
+
+    out = tmp_path / "plots" / "latency.png"
+    done = bench(
+        served, "--rpc", "predict", "--requests", "30", "--warmup", "0", "--plot", str(out)
+    )
+    assert done.returncode == 0, done.stderr
+    with Image.open(out) as image:
+        assert image.format == "PNG"
+        assert image.size == (1000, 400)
+        # Not a blank canvas: the bars and curves are drawn in colour.
+        pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
+        assert len(np.unique(pixels, axis=0)) > 20
+    done = bench(served, "--requests", "1", "--plot", str(tmp_path / "latency.svg"))
+    assert done.returncode == 2
+    assert "--plot" in done.stderr
+    assert "must name a .png file" in done.stderr
+
+
 def test_errors_are_counted_by_status_code(served: RunningServer) -> None:
     done = bench(served, "--requests", "5", "--warmup", "0", "--layer", "no_such_layer", "--json")
     # Nothing succeeded: the figures are printed, and the exit status says so.
