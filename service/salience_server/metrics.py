@@ -111,6 +111,14 @@ class Metrics:
             ["model"],
             registry=registry,
         )
+        # Its queue's max_queue_size, so "how full" is depth / capacity in one query
+        # even where models are configured with different sizes.
+        self.queue_capacity = Gauge(
+            "salience_queue_capacity",
+            "Most samples a model's queue holds (max_queue_size); more are refused",
+            ["model"],
+            registry=registry,
+        )
         self.refused = Counter(
             "salience_requests_refused",
             "Requests that never reached the device: queue_full (refused at once), "

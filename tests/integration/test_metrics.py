@@ -187,6 +187,13 @@ def test_scraped_metrics_match_the_traffic_sent(server: RunningServer) -> None:
         3 * VANILLA_ROWS + 2 * SMOOTHGRAD_ROWS
     )
     assert value(samples, "salience_queue_depth", model="linear") == 0
+    # A queue's capacity is its max_queue_size (here the server's, 256 by default);
+    # `smooth` got no request, so it has no queue and no capacity yet.
+    capacity = server.server.settings.max_queue_size
+    assert capacity == 256
+    assert value(samples, "salience_queue_capacity", model="linear") == capacity
+    assert value(samples, "salience_queue_capacity", model="softmax") == capacity
+    assert ("salience_queue_capacity", (("model", "smooth"),)) not in samples
 
     # One version of each model, ready; no other state.
     for model in ("linear", "softmax", "smooth"):
