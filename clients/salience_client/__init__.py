@@ -1,13 +1,30 @@
-"""The salience client: a synchronous gRPC client (numpy in, numpy out), overlay
-rendering, and the `salience` command line. It never imports TensorFlow.
+"""The salience client: a blocking and an asyncio gRPC client (numpy in, numpy out),
+overlay rendering, and the `salience` command line. It never imports TensorFlow.
 """
 
+from salience_client.aio import AsyncSalienceClient
+from salience_client.channel import DEFAULT, TLS, Keepalive, RetryPolicy
 from salience_client.client import (
     Explanation,
     Objective,
     Prediction,
+    ResolvedExplanation,
+    ResolvedObjective,
     SalienceClient,
     SalienceError,
 )
 
-__all__ = ["Explanation", "Objective", "Prediction", "SalienceClient", "SalienceError"]
+__all__ = [
+    "DEFAULT",
+    "TLS",
+    "AsyncSalienceClient",
+    "Explanation",
+    "Keepalive",
+    "Objective",
+    "Prediction",
+    "ResolvedExplanation",
+    "ResolvedObjective",
+    "RetryPolicy",
+    "SalienceClient",
+    "SalienceError",
+]

@@ -111,7 +111,7 @@ def test_smoothgrad_without_seed_draws_one_and_echoes_it(client: SalienceClient)
     options: dict[str, Any] = {"method": "smoothgrad", "filter_indices": [1], "samples": 4}
     drawn = client.explain("square", x, **options)
     redrawn = client.explain("square", x, **options)
-    assert drawn.resolved.HasField("seed")
+    assert drawn.resolved.seed is not None
     assert drawn.resolved.seed != redrawn.resolved.seed
     replay = client.explain("square", x, seed=drawn.resolved.seed, **options)
     np.testing.assert_array_equal(replay.maps["absolute"], drawn.maps["absolute"])
