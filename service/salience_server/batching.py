@@ -15,6 +15,12 @@ split off before any finish, so they never reach a caller.
 A request larger than a device call is split across consecutive calls (its rows
 fill what room a batch has left) and reassembled in order before its `finish`.
 
+Failures: a device call of several requests that raises (an input the model
+fails on, a device out of memory) is computed again once per request, alone, so
+only the requests at fault fail; their callers get the error (INTERNAL;
+RESOURCE_EXHAUSTED for device memory, INVALID_ARGUMENT for inputs the model's
+ops refuse), and the model serves on.
+
 Fairness: the next batch is always the oldest queued request's, except that a
 batch already full of another kind may go first while the oldest waits for
 company; so no graph waits longer than its delay plus one device call.
@@ -44,7 +50,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from salience_server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from salience_server.errors import (
+    DeadlineExceeded,
+    ResourceExhausted,
+    Unavailable,
+    deadline_passed,
+)
 from salience_server.explain.engine import Plan
 from salience_server.explain.options import ExplainResult
 from salience_server.metrics import Metrics
@@ -57,9 +68,6 @@ log = logging.getLogger(__name__)
 
 PREDICT = "predict"
 EXPLAIN = "explain"
-# A caller that goes away this close to its deadline went because of it: gRPC
-# cancels an expired call a moment before the deadline this server computed.
-DEADLINE_SLACK_SECONDS = 0.005
 
 Key = tuple[Hashable, ...]
 """What must be equal for two requests to share a device call."""
@@ -164,6 +172,7 @@ class Batcher:
         self._batch_size = metrics.batch_size.labels(model)
         self._batch_requests = metrics.batch_requests.labels(model)
         self._depth = metrics.queue_depth.labels(model)
+        metrics.queue_capacity.labels(model).set(config.max_queue_size)
         # One thread: device calls of a model never overlap, so a batch never
         # competes with another for the device's memory or cores. It lives inside
         # the model's device scope, where its weights are.
@@ -248,13 +257,17 @@ class Batcher:
             self._loop = loop
             self._task = loop.create_task(self._run(), name=f"batcher-{self.runtime.name}")
         self._wakeup.set()
+        if deadline is None:
+            return await job.future
+        timer = asyncio.timeout(deadline - now)
         try:
-            if deadline is None:
-                return await job.future
-            async with asyncio.timeout(deadline - now):
+            async with timer:
                 return await job.future
         except TimeoutError:
-            if not job.future.cancelled():
+            # Asked of the timer, not of the future: when the batching task settles
+            # the future (`_expire`) in the same loop step as the timer fires, the
+            # future is done but not cancelled, and the deadline still passed.
+            if not timer.expired():
                 raise  # the work itself failed with a TimeoutError
             raise DeadlineExceeded(
                 f"the deadline passed while the request waited for model "
@@ -277,9 +290,10 @@ class Batcher:
     def _settled(self, job: _Job, future: asyncio.Future[Any]) -> None:
         """A cancelled future (caller gone or deadline passed) gives up its queued rows."""
         if future.cancelled() and not job.gone:
-            expired = (
-                job.deadline is not None
-                and time.monotonic() >= job.deadline - DEADLINE_SLACK_SECONDS
+            # A caller that goes away this close to its deadline went because of it
+            # (the same rule as the request's status, errors.deadline_passed).
+            expired = job.deadline is not None and deadline_passed(
+                job.deadline - time.monotonic(), job.deadline - job.enqueued_at
             )
             self._drop(job, "deadline_exceeded" if expired else "cancelled")
 
@@ -449,7 +463,12 @@ class Batcher:
     # On the device thread -------------------------------------------------------
 
     def _compute(self, batch: _Batch) -> list[tuple[_Job, Any, Any]]:
-        """One device call, then each completed job's finish: (job, result, error)."""
+        """One device call, then each completed job's finish: (job, result, error).
+
+        A failed call of several requests is computed again once per request,
+        alone, so that an input the model fails on (or a merged batch too large for
+        the device's memory) fails its own request only, not those merged with it.
+        """
         start = time.perf_counter()
         runtime = self.runtime
         pieces = batch.pieces
@@ -475,6 +494,22 @@ class Batcher:
             split_outputs = [runtime.split_rows(o, sizes) for o in outputs]
             split_raw = {name: runtime.split_rows(t, sizes) for name, t in raw.items()}
         except Exception as err:
+            live = [p for p in pieces if not (p.job.failed or p.job.gone)]
+            if len(live) > 1:
+                # Costs one device call per request, and only when a call fails.
+                log.warning(
+                    "model %s: a device call of %d requests failed (%s); computing "
+                    "each alone to fail only the one(s) at fault",
+                    runtime.name,
+                    len(live),
+                    type(err).__name__,
+                )
+                retried: list[tuple[_Job, Any, Any]] = []
+                for p in live:
+                    rows = p.stop - p.start
+                    alone = _Batch(batch.kind, [p], rows, self.config.bucket(rows))
+                    retried += self._compute(alone)
+                return retried
             log.debug("model %s: a device call failed", runtime.name, exc_info=True)
             outcomes: list[tuple[_Job, Any, Any]] = []
             for piece in pieces:

@@ -65,6 +65,7 @@ class InferenceCore:
         self._leases: dict[ModelRuntime, int] = {}
         self._idle: dict[ModelRuntime, asyncio.Event] = {}
         self._retiring: set[Batcher] = set()
+        self._draining = False  # shutting down: every batcher refuses new requests
 
     @property
     def batchers(self) -> Mapping[tuple[str, int], Batcher]:
@@ -85,6 +86,8 @@ class InferenceCore:
         if batcher is None or batcher.runtime is not runtime:
             config = self.batching_config(runtime)
             batcher = self._batchers[key] = Batcher(runtime, config, self.metrics)
+            if self._draining:
+                batcher.drain()  # a model first asked for during shutdown refuses too
         return batcher
 
     # Hot reload ---------------------------------------------------------------
@@ -192,6 +195,13 @@ class InferenceCore:
             )
         return self.repository.get(name, version)
 
+    def _claimed(self, runtime: ModelRuntime, arrays: dict[str, np.ndarray]) -> int:
+        """The rows a request is admitted for: at most its model's batch cap. A larger
+        batch is refused by the input checks as INVALID_ARGUMENT, never as a full
+        queue, whose RESOURCE_EXHAUSTED invites retries that can never succeed.
+        """
+        return min(_rows(arrays), runtime.config.limits.batch_size(self.settings.max_batch_size))
+
     async def _on_host(self, work: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._host, work)
 
@@ -207,7 +217,7 @@ class InferenceCore:
         with self._lease(runtime):
             batcher = self.batcher(runtime)
             # A full queue refuses before any work is spent on the request.
-            batcher.admit(_rows(arrays), deadline)
+            batcher.admit(self._claimed(runtime, arrays), deadline)
             inputs = await self._on_host(
                 lambda: runtime.check_inputs(arrays, self.settings.max_batch_size)
             )
@@ -226,7 +236,7 @@ class InferenceCore:
         runtime.check_options(options, self.settings.limits)
         with self._lease(runtime):
             batcher = self.batcher(runtime)
-            batcher.admit(_rows(arrays), deadline)
+            batcher.admit(self._claimed(runtime, arrays), deadline)
 
             def prepare() -> tuple[list[np.ndarray], Plan]:
                 inputs = runtime.check_inputs(arrays, self.settings.max_batch_size)
@@ -239,6 +249,7 @@ class InferenceCore:
         """Shutdown has begun: queued requests go to the device without waiting for
         company, and new ones are refused.
         """
+        self._draining = True
         for batcher in [*self._batchers.values(), *self._retiring]:
             batcher.drain()
 

@@ -321,7 +321,8 @@ def test_a_full_queue_refuses_at_once_with_resource_exhausted(
                 ]
                 await until_queued(running, 4)
                 with (
-                    SalienceClient(running.target) as client,
+                    # One attempt: the client would retry RESOURCE_EXHAUSTED.
+                    SalienceClient(running.target, retry=None) as client,
                     pytest.raises(SalienceError) as caught,
                 ):
                     await asyncio.to_thread(client.predict, "linear", xs[0][:1])

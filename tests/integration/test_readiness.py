@@ -283,8 +283,8 @@ def test_free_axes_take_the_first_size_that_fits_or_warm_up_is_skipped(
     assert wide.traces == 1
     assert (
         "model odd: warm-up skipped: its free input axes take none of the sizes 32, 64, 128, "
-        "224 (32: InvalidArgumentError; 64: InvalidArgumentError; 128: InvalidArgumentError; "
-        "224: InvalidArgumentError); the first request of each shape traces its functions"
+        "224 (32: InvalidArgument; 64: InvalidArgument; 128: InvalidArgument; "
+        "224: InvalidArgument); the first request of each shape traces its functions"
     ) in caplog.text
     assert odd.traces == 0
     # The model still serves the lengths it takes.
