@@ -1,5 +1,8 @@
 """Regenerates the committed Python stubs of every `.proto` under `proto/`.
 
+That is salience's own schema (`salience/v1`) and the Open Inference Protocol's
+(`inference/v2`, KServe's published definition), each importable by its path.
+
 Run `python scripts/generate_protos.py` after changing a `.proto`; pass `--out DIR`
 to write the stubs elsewhere (the drift test compares such a fresh copy with the
 committed files).

@@ -17,6 +17,9 @@ def test_committed_stubs_match_a_fresh_generation(tmp_path: Path) -> None:
     )
     fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*_pb2*.py*"))
     assert [str(p) for p in fresh] == [
+        "inference/v2/grpc_service_pb2.py",
+        "inference/v2/grpc_service_pb2.pyi",
+        "inference/v2/grpc_service_pb2_grpc.py",
         "salience/v1/salience_pb2.py",
         "salience/v1/salience_pb2.pyi",
         "salience/v1/salience_pb2_grpc.py",
