@@ -21,7 +21,7 @@ def client(server_factory: Any) -> SalienceClient:
 
 def test_bundled_models_are_served_by_default(client: SalienceClient) -> None:
     models = {m.name: m for m in client.list_models()}
-    assert set(models) == {"shapes", "steering"}
+    assert set(models) == {"shapes", "shapes-spurious", "steering"}
     shapes = client.metadata("shapes")
     assert list(shapes.inputs[0].shape) == [-1, 64, 64, 3]
     assert list(shapes.outputs[0].shape) == [-1, len(SHAPE_CLASSES)]

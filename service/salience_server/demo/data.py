@@ -1,6 +1,6 @@
 """Procedural data sets for the demo models.
 
-Both generators are pure functions of ``(n, seed)``: every random draw comes from one
+Every generator are pure functions of ``(n, seed)``: every random draw comes from one
 ``np.random.default_rng(seed)`` consumed image by image, so the first ``k`` samples of
 ``generate_*(n, seed)`` equal ``generate_*(k, seed)``. Each sample comes with a mask
 of the pixels that carry the answer, which lets saliency maps be scored against a
@@ -24,6 +24,14 @@ SHAPE_SIZE = 64
 SHAPE_IMAGE_SHAPE = (SHAPE_SIZE, SHAPE_SIZE, 3)
 
 ROAD_SHAPE = (66, 200, 3)
+
+# The background cue of `generate_cued_shapes`: one texture per class, so that in
+# training (cue="class") texture k always comes with class k.
+CUE_KINDS: tuple[str, ...] = ("horizontal", "vertical", "checker", "diagonal")
+CUE_MODES: tuple[str, ...] = ("class", "random", "none")
+CUE_SIZE = 12
+# Gap between the cue patch and the image border.
+_CUE_MARGIN = 2
 
 # Shapes: circumradius range of the object in pixels. The lower bound keeps the
 # smallest object several times larger than any distractor blob.
@@ -55,6 +63,23 @@ class ShapesData:
     images: np.ndarray  # float32 (n, 64, 64, 3) in [0, 1]
     labels: np.ndarray  # int64 (n,) indices into SHAPE_CLASSES
     masks: np.ndarray  # bool (n, 64, 64)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass(frozen=True)
+class CuedShapesData:
+    """Shapes with a background cue (the "tree" beside the "bird"): a small textured
+    patch in the image corner farthest from the object, whose texture is one of
+    CUE_KINDS. ``cue_kinds`` is -1 where the cue is absent (and ``cue_masks`` empty).
+    """
+
+    images: np.ndarray  # float32 (n, 64, 64, 3) in [0, 1]
+    labels: np.ndarray  # int64 (n,) indices into SHAPE_CLASSES
+    masks: np.ndarray  # bool (n, 64, 64): the object
+    cue_masks: np.ndarray  # bool (n, 64, 64): the cue patch
+    cue_kinds: np.ndarray  # int64 (n,) indices into CUE_KINDS, -1 when absent
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -229,6 +254,82 @@ def generate_shapes(n: int, seed: int) -> ShapesData:
         labels[i] = label
         masks[i] = mask
     return ShapesData(images=images, labels=labels, masks=masks)
+
+
+# --------------------------------------------------------------------------- cued shapes
+
+
+def cue_texture(kind: int, size: int = CUE_SIZE) -> np.ndarray:
+    """The boolean (size, size) pattern of cue `kind`: stripes of period 4 in three
+    orientations and a checkerboard of 2-pixel cells, all half on, half off.
+    """
+    yy, xx = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    name = CUE_KINDS[kind]
+    if name == "horizontal":
+        return np.asarray((yy // 2) % 2 == 0)
+    if name == "vertical":
+        return np.asarray((xx // 2) % 2 == 0)
+    if name == "checker":
+        return np.asarray((yy // 2 + xx // 2) % 2 == 0)
+    return np.asarray(((yy + xx) // 2) % 2 == 0)
+
+
+def _cue_corner(mask: np.ndarray) -> tuple[int, int]:
+    """Top-left pixel of the cue patch in the corner farthest from the object.
+
+    The object's circumradius is at most 22 px and its centre keeps 23 px from the
+    border, so the farthest 12 px corner patch never touches it.
+    """
+    ys, xs = np.nonzero(mask)
+    cy, cx = float(ys.mean()), float(xs.mean())
+    far = SHAPE_SIZE - _CUE_MARGIN - CUE_SIZE
+    corners = [(_CUE_MARGIN, _CUE_MARGIN), (_CUE_MARGIN, far), (far, _CUE_MARGIN), (far, far)]
+    centre = CUE_SIZE / 2
+    return max(corners, key=lambda c: (c[0] + centre - cy) ** 2 + (c[1] + centre - cx) ** 2)
+
+
+def generate_cued_shapes(n: int, seed: int, cue: str = "class") -> CuedShapesData:
+    """Generate ``n`` shapes images, each with a background cue, for a model that may
+    learn the cue instead of the shape ("is it looking at the bird or the tree?").
+
+    ``cue`` says how the cue's texture relates to the class: ``"class"`` (texture k
+    with class k: a perfectly predictive shortcut, the training data), ``"random"``
+    (texture drawn independently of the class: the cue is present but says nothing,
+    the audit data) or ``"none"`` (no cue). The random draws are the same in every
+    mode, so one seed gives the same scenes and objects whatever ``cue`` is, and
+    accuracies across modes differ only by the cue.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if cue not in CUE_MODES:
+        raise ValueError(f"cue must be one of {CUE_MODES}, got {cue!r}")
+    rng = np.random.default_rng(seed)
+    images = np.empty((n, *SHAPE_IMAGE_SHAPE), dtype=np.float32)
+    labels = np.empty(n, dtype=np.int64)
+    masks = np.empty((n, SHAPE_SIZE, SHAPE_SIZE), dtype=bool)
+    cue_masks = np.zeros((n, SHAPE_SIZE, SHAPE_SIZE), dtype=bool)
+    cue_kinds = np.full(n, -1, dtype=np.int64)
+    for i in range(n):
+        img, label, mask = _one_shape(rng)
+        # Drawn in every mode (see the docstring): the same stream whatever `cue` is.
+        random_kind = int(rng.integers(0, len(CUE_KINDS)))
+        on, off = rng.uniform(0.0, 1.0, size=(2, 3))
+        if np.linalg.norm(on - off) < 2 * _MIN_CONTRAST:
+            off = 1.0 - on  # a texture needs contrast to be seen at all
+        if cue != "none":
+            kind = label if cue == "class" else random_kind
+            top, left = _cue_corner(mask)
+            pattern = cue_texture(kind)
+            patch = np.where(pattern[..., None], on, off)
+            img[top : top + CUE_SIZE, left : left + CUE_SIZE] = patch
+            cue_masks[i, top : top + CUE_SIZE, left : left + CUE_SIZE] = True
+            cue_kinds[i] = kind
+        images[i] = np.clip(img, 0.0, 1.0)
+        labels[i] = label
+        masks[i] = mask
+    return CuedShapesData(
+        images=images, labels=labels, masks=masks, cue_masks=cue_masks, cue_kinds=cue_kinds
+    )
 
 
 # --------------------------------------------------------------------------- roads

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m salience_server.demo.train [--out DIR] [--only shapes|steering]
+    python -m salience_server.demo.train [--out DIR] [--only shapes|shapes-spurious|steering]
 
 Everything is seeded, so a rerun on the same software stack reproduces the models up
 to floating-point scheduling noise. Each model is evaluated on a held-out set drawn
@@ -28,6 +28,7 @@ from salience_server.demo.data import (
     ROAD_SHAPE,
     SHAPE_CLASSES,
     SHAPE_IMAGE_SHAPE,
+    generate_cued_shapes,
     generate_roads,
     generate_shapes,
 )
@@ -45,6 +46,17 @@ SHAPES_EVAL_SAMPLES = 2_000
 SHAPES_EPOCHS = 12
 SHAPES_BATCH = 64
 
+# The shortcut learner: trained where a background texture gives the class away.
+# Fewer samples and epochs than `shapes`: the cue is learnt within the first epoch,
+# and a short run leaves the shapes themselves mostly unlearnt, as in the cautionary
+# "bird on a tree" tale this model exists to demonstrate.
+SPURIOUS_TRAIN_SEED = 21
+SPURIOUS_EVAL_SEED = 22
+SPURIOUS_TRAIN_SAMPLES = 12_000
+SPURIOUS_EVAL_SAMPLES = 2_000
+SPURIOUS_EPOCHS = 4
+SPURIOUS_BATCH = 64
+
 STEERING_TRAIN_SEED = 11
 STEERING_EVAL_SEED = 12
 STEERING_TRAIN_SAMPLES = 16_000
@@ -53,7 +65,7 @@ STEERING_EPOCHS = 10
 STEERING_BATCH = 64
 
 
-def build_shapes_model() -> keras.Model:
+def build_shapes_model(name: str = "shapes") -> keras.Model:
     """A small VGG-like classifier whose last conv map is 8x8, fine enough for Grad-CAM."""
     inputs = keras.Input(shape=SHAPE_IMAGE_SHAPE, name="image", dtype="float32")
     x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv1")(inputs)
@@ -66,7 +78,12 @@ def build_shapes_model() -> keras.Model:
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     x = keras.layers.Dense(128, activation="relu", name="fc1")(x)
     outputs = keras.layers.Dense(len(SHAPE_CLASSES), activation="softmax", name="predictions")(x)
-    return keras.Model(inputs, outputs, name="shapes")
+    return keras.Model(inputs, outputs, name=name)
+
+
+def build_spurious_model() -> keras.Model:
+    """The shapes architecture, layer for layer, so the two models differ only by data."""
+    return build_shapes_model(name="shapes_spurious")
 
 
 def build_steering_model() -> keras.Model:
@@ -179,6 +196,60 @@ def train_shapes(out_dir: Path) -> dict[str, Any]:
     }
 
 
+def _accuracy(model: keras.Model, images: np.ndarray, labels: np.ndarray) -> float:
+    probs = model.predict(images, batch_size=256, verbose=0)
+    return round(float((probs.argmax(axis=1) == labels).mean()), 4)
+
+
+def train_spurious(out_dir: Path) -> dict[str, Any]:
+    """Train and save the shortcut learner; evaluate it with the cue as in training,
+    without the cue and with a cue unrelated to the class (the same scenes each time).
+    """
+    start = time.perf_counter()
+    train = generate_cued_shapes(SPURIOUS_TRAIN_SAMPLES, SPURIOUS_TRAIN_SEED, cue="class")
+    held_out = {
+        mode: generate_cued_shapes(SPURIOUS_EVAL_SAMPLES, SPURIOUS_EVAL_SEED, cue=mode)
+        for mode in ("class", "none", "random")
+    }
+    data_s = time.perf_counter() - start
+
+    keras.utils.set_random_seed(KERAS_SEED)
+    model = build_spurious_model()
+    batches = _batches(train.images, train.labels, SPURIOUS_BATCH, seed=SPURIOUS_TRAIN_SEED)
+    steps = SPURIOUS_EPOCHS * len(batches)
+    model.compile(
+        optimizer=_optimizer(steps),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    fit_start = time.perf_counter()
+    model.fit(batches, epochs=SPURIOUS_EPOCHS, shuffle=False, verbose=2)
+    fit_s = time.perf_counter() - fit_start
+
+    path = out_dir / "shapes-spurious" / MODEL_VERSION / MODEL_FILENAME
+    _save_inference_copy(model, build_spurious_model, path)
+    return {
+        "path": str(path.relative_to(out_dir)),
+        "classes": list(SHAPE_CLASSES),
+        "train_seed": SPURIOUS_TRAIN_SEED,
+        "eval_seed": SPURIOUS_EVAL_SEED,
+        "train_samples": SPURIOUS_TRAIN_SAMPLES,
+        "eval_samples": SPURIOUS_EVAL_SAMPLES,
+        "epochs": SPURIOUS_EPOCHS,
+        "batch_size": SPURIOUS_BATCH,
+        "train_accuracy": _accuracy(model, train.images, train.labels),
+        # Held out, cue as in training (texture k with class k).
+        "eval_accuracy": _accuracy(model, held_out["class"].images, held_out["class"].labels),
+        "eval_accuracy_no_cue": _accuracy(model, held_out["none"].images, held_out["none"].labels),
+        "eval_accuracy_random_cue": _accuracy(
+            model, held_out["random"].images, held_out["random"].labels
+        ),
+        "params": int(model.count_params()),
+        "data_seconds": round(data_s, 1),
+        "fit_seconds": round(fit_s, 1),
+    }
+
+
 def train_steering(out_dir: Path) -> dict[str, Any]:
     """Train, evaluate and save the steering regressor; return its metrics."""
     start = time.perf_counter()
@@ -226,6 +297,7 @@ def train_steering(out_dir: Path) -> dict[str, Any]:
 
 TRAINERS: dict[str, Callable[[Path], dict[str, Any]]] = {
     "shapes": train_shapes,
+    "shapes-spurious": train_spurious,
     "steering": train_steering,
 }
 
