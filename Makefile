@@ -10,10 +10,18 @@ CONSTRAINTS ?= $(if $(filter gpu,$(SERVER_EXTRA)),constraints-gpu.txt,constraint
 SERVE_ARGS ?=
 
 # Programs the tests run for real (a Prometheus server and promtool; headless
-# Chromium for the review report), from Debian's packages when they are missing.
-TEST_PROGRAMS := prometheus:prometheus promtool:prometheus chromium:chromium
+# Chromium and its chromedriver for the review report), from Debian's packages when
+# they are missing.
+TEST_PROGRAMS := prometheus:prometheus promtool:prometheus chromium:chromium \
+	chromedriver:chromium-driver
 
-.PHONY: install install-test test-programs serve test lint protos lock bench clean
+# Triton's gRPC client, which the Open Inference Protocol's tests drive the server
+# with, in an environment of its own: tritonclient pins protobuf below 7, and this
+# project's stubs need 7. constraints-oip.txt pins it (`make lock`).
+OIP_VENV ?= .venv-oip
+OIP_CLIENT := "tritonclient[grpc]>=2.73,<3" "numpy>=2,<3"
+
+.PHONY: install install-test test-programs oip-client serve test lint protos lock bench clean
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +30,17 @@ $(BIN)/uv:
 install: $(BIN)/uv
 	$(BIN)/uv pip install --python $(BIN)/python --quiet -c $(CONSTRAINTS) -e ".[$(SERVER_EXTRA)]"
 
-install-test: $(BIN)/uv test-programs
+install-test: $(BIN)/uv test-programs oip-client
 	$(BIN)/uv pip install --python $(BIN)/python --quiet -c constraints.txt -e ".[server-cpu,test]"
+
+oip-client: $(OIP_VENV)/.installed
+
+# A stamp, so a changed constraints file reinstalls and a failed install retries.
+$(OIP_VENV)/.installed: constraints-oip.txt | $(BIN)/uv
+	$(PYTHON) -m venv $(OIP_VENV)
+	$(BIN)/uv pip install --python $(OIP_VENV)/bin/python --quiet -c constraints-oip.txt \
+		$(OIP_CLIENT)
+	touch $@
 
 test-programs:
 	@missing=""; for pair in $(TEST_PROGRAMS); do \
@@ -59,6 +76,8 @@ lock: $(BIN)/uv
 		--python-version 3.11 --python-platform x86_64-manylinux_2_28 -o constraints.txt
 	$(BIN)/uv pip compile pyproject.toml -q --extra gpu \
 		--python-version 3.11 --python-platform x86_64-manylinux_2_28 -o constraints-gpu.txt
+	printf '%s\n' $(OIP_CLIENT) | $(BIN)/uv pip compile - -q \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 -o constraints-oip.txt
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(OIP_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -2,6 +2,7 @@
 
     salience bench --model shapes --rpc explain --concurrency 32 --duration 20
     salience bench --model shapes --rate 200 --requests 2000 --json cat.png
+    salience bench --model shapes --rpc oip-infer --concurrency 8 --duration 20
 
 Closed loop (the default): `--concurrency` callers each send their next request as
 soon as the previous one is answered. Open loop (`--rate R`): a request starts
@@ -13,6 +14,10 @@ The generator must never be what limits the figures: requests are serialised onc
 before the run and sent as bytes over one `grpc.aio` channel, responses are
 counted, not decoded, and no thread is involved — one event loop keeps 32 calls in
 flight with a fraction of a core.
+
+`--rpc oip-infer` sends the Open Inference Protocol's ModelInfer (raw input bytes,
+every model output, no saliency map) to the same server, so both APIs' overhead on
+one model can be measured side by side against `--rpc predict`.
 """
 
 from __future__ import annotations
@@ -29,14 +34,31 @@ import grpc
 import numpy as np
 from grpc import aio
 
+from inference.v2 import grpc_service_pb2 as oip
 from salience.v1 import salience_pb2 as pb
 from salience_client import tensors
-from salience_client.client import DEFAULT_MAX_MESSAGE_BYTES, explanation_request
+from salience_client.channel import ChannelConfig
+from salience_client.client import explanation_request
 
 PREDICT = "predict"
 EXPLAIN = "explain"
-RPCS = (PREDICT, EXPLAIN)
-METHODS = {PREDICT: "/salience.v1.Salience/Predict", EXPLAIN: "/salience.v1.Salience/Explain"}
+OIP_INFER = "oip-infer"
+RPCS = (PREDICT, EXPLAIN, OIP_INFER)
+METHODS = {
+    PREDICT: "/salience.v1.Salience/Predict",
+    EXPLAIN: "/salience.v1.Salience/Explain",
+    OIP_INFER: "/inference.GRPCInferenceService/ModelInfer",
+}
+# The Open Inference Protocol's datatype of each numpy dtype the samples may have.
+OIP_DATATYPES = {
+    "bool": "BOOL",
+    "uint8": "UINT8",
+    "int32": "INT32",
+    "int64": "INT64",
+    "float16": "FP16",
+    "float32": "FP32",
+    "float64": "FP64",
+}
 # Distinct requests cycled through; enough that no cache could notice repeats.
 DISTINCT_REQUESTS = 16
 PROGRESS_SECONDS = 0.25
@@ -56,6 +78,9 @@ class Load:
     rate: float | None = None
     timeout: float = 60.0
     warmup: int = 0
+    # TLS and token as the clients take them; None is plaintext without a token.
+    # Never with retries: a load test counts each refusal the server sends.
+    channel: ChannelConfig | None = None
 
     def __post_init__(self) -> None:
         if self.rpc not in RPCS:
@@ -64,6 +89,8 @@ class Load:
             raise ValueError("give exactly one of duration and requests")
         if not self.payloads:
             raise ValueError("no request to send")
+        if self.channel is not None and self.channel.retry is not None:
+            raise ValueError("a load test's channel must not retry: pass retry=None")
 
 
 @dataclass
@@ -170,8 +197,12 @@ def payloads(
     version: int = 0,
     options: dict[str, Any] | None = None,
     distinct: int = DISTINCT_REQUESTS,
+    input_name: str = "",
 ) -> list[bytes]:
-    """Serialised requests of `batch` consecutive samples each, cycling over `samples`."""
+    """Serialised requests of `batch` consecutive samples each, cycling over `samples`.
+
+    `input_name` names the model's input in ModelInfer requests (OIP_INFER).
+    """
     n = len(samples)
     count = max(1, min(distinct, math.ceil(n / batch)))
     out = []
@@ -181,10 +212,29 @@ def payloads(
             request: Any = pb.PredictRequest(
                 model=pb.ModelSpec(name=model, version=version), inputs=[tensors.encode(rows)]
             )
+        elif rpc == OIP_INFER:
+            request = oip_infer_request(model, rows, version=version, input_name=input_name)
         else:
             request = explanation_request(model, rows, version=version, **(options or {}))
         out.append(request.SerializeToString())
     return out
+
+
+def oip_infer_request(
+    model: str, rows: np.ndarray, *, version: int = 0, input_name: str = ""
+) -> oip.ModelInferRequest:
+    """A ModelInfer request of one input's rows, as raw little-endian bytes (as
+    Triton's client sends them), asking for every model output.
+    """
+    try:
+        datatype = OIP_DATATYPES[rows.dtype.name]
+    except KeyError:
+        raise ValueError(f"samples of dtype {rows.dtype} have no datatype to send") from None
+    request = oip.ModelInferRequest(model_name=model, model_version=str(version) if version else "")
+    request.inputs.add(name=input_name, datatype=datatype, shape=list(rows.shape))
+    little = np.ascontiguousarray(rows, dtype=rows.dtype.newbyteorder("<"))
+    request.raw_input_contents.append(little.tobytes())
+    return request
 
 
 # The load ------------------------------------------------------------------------
@@ -232,11 +282,9 @@ class _Progress:
 
 
 async def _run(load: Load, progress: bool) -> BenchResult:
-    options = [
-        ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
-    ]
-    async with aio.insecure_channel(load.target, options=options) as channel:
+    config = load.channel or ChannelConfig(load.target, retry=None)
+    metadata = config.call_metadata()
+    async with config.open_aio() as channel:
         # No serialisers: the payloads are bytes already, and answers stay bytes.
         call = channel.unary_unary(METHODS[load.rpc])
         result = BenchResult(
@@ -250,7 +298,7 @@ async def _run(load: Load, progress: bool) -> BenchResult:
 
         async def send(k: int, due: float, record: bool) -> None:
             try:
-                await call(payloads[k % len(payloads)], timeout=load.timeout)
+                await call(payloads[k % len(payloads)], timeout=load.timeout, metadata=metadata)
                 code = grpc.StatusCode.OK.name
             except (TimeoutError, aio.AioRpcError) as err:
                 code = _code(err)

@@ -5,6 +5,7 @@
     salience predict --model shapes --out predictions.npz cat.png dog.png
     salience explain --model shapes --filter-indices 2 --grad-modifier relu --out maps/ cat.png
     salience bench --model shapes --rpc explain --concurrency 32 --duration 20
+    salience review --model steering --out review/ clip/        # or a video file
 
 An INPUT is a `.npy` file (one sample, or a batch with the batch axis first) or an
 image Pillow can read. The model's metadata says how to read it: a `.npy` sample
@@ -35,6 +36,7 @@ import numpy as np
 
 from salience.v1 import salience_pb2 as pb
 from salience_client import tensors
+from salience_client.channel import TLS, ChannelConfig
 from salience_client.client import (
     DEFAULT_TIMEOUT_SECONDS,
     Explanation,
@@ -48,6 +50,7 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 TARGET_ENV = "SALIENCE_TARGET"
+TOKEN_ENV = "SALIENCE_TOKEN"
 DEFAULT_TARGET = "localhost:50051"
 OUTPUT_DTYPES = ("float32", "float16", "uint8")
 # Pillow modes by the channel count of a model's image input.
@@ -347,6 +350,43 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help=f"deadline of each call (default {DEFAULT_TIMEOUT_SECONDS:g})",
     )
+    connection.add_argument(
+        "--tls",
+        action="store_true",
+        help="connect with TLS, trusting the system's CAs (implied by the --tls-* options)",
+    )
+    connection.add_argument(
+        "--tls-ca",
+        type=Path,
+        metavar="FILE",
+        help="PEM CA certificates to verify the server's certificate with",
+    )
+    connection.add_argument(
+        "--tls-cert",
+        type=Path,
+        metavar="FILE",
+        help="PEM client certificate, for a server that requires one (mutual TLS)",
+    )
+    connection.add_argument(
+        "--tls-key", type=Path, metavar="FILE", help="PEM private key of --tls-cert"
+    )
+    connection.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        help="the name the server's certificate must carry, when not the --target host",
+    )
+    connection.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help=f"file holding the bearer token to send (default ${TOKEN_ENV}, the token itself)",
+    )
+    connection.add_argument(
+        "--allow-plaintext-token",
+        action="store_true",
+        help="send the token without TLS to another machine (where the network is "
+        "protected otherwise, such as by a service mesh)",
+    )
 
     models = commands.add_parser(
         "models", parents=[connection], help="list the served models, their inputs and outputs"
@@ -422,7 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--version", type=parse_version, default=0, metavar="V", help="model version"
     )
     bench.add_argument(
-        "--rpc", choices=("predict", "explain"), default="explain", help="the call to send"
+        "--rpc",
+        choices=("predict", "explain", "oip-infer"),
+        default="explain",
+        help="the call to send: Predict, Explain, or the Open Inference Protocol's ModelInfer",
     )
     bench.add_argument(
         "--concurrency",
@@ -476,6 +519,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="a .npy file or an image; without any, random samples of the model's shape",
     )
     bench.set_defaults(subparser=bench)
+
+    # Its options and the work live in `review` (frames, video, report).
+    from salience_client import review
+
+    review.add_parser(commands, [connection])
+    from salience_client import audit
+
+    audit.add_parser(commands, [connection])
     return parser
 
 
@@ -880,9 +931,18 @@ def _unique_stems(sources: Sequence[LoadedInput]) -> list[str]:
 
 
 def write_overlays(
-    directory: Path, batch: InputBatch, result: Explanation, *, colormap: str, alpha: float
+    directory: Path,
+    batch: InputBatch,
+    result: Explanation,
+    *,
+    colormap: str,
+    alpha: float,
+    titles: Sequence[str] | None = None,
 ) -> list[Path]:
-    """`<stem>_<modifier>.png` per input (`<stem>_<i>_<modifier>.png` for a batch file)."""
+    """`<stem>_<modifier>.png` per input (`<stem>_<i>_<modifier>.png` for a batch file).
+
+    With `titles` (one per sample), each overlay is drawn under its sample's title.
+    """
     from salience_client.overlay import save_overlay
 
     try:
@@ -897,7 +957,10 @@ def write_overlays(
             for modifier, maps in result.maps.items():
                 path = directory / f"{prefix}_{modifier}.png"
                 try:
-                    save_overlay(path, batch.array[k], maps[k], colormap=colormap, alpha=alpha)
+                    if titles is None:
+                        save_overlay(path, batch.array[k], maps[k], colormap=colormap, alpha=alpha)
+                    else:
+                        _save_titled(path, batch.array[k], maps[k], titles[k], colormap, alpha)
                 except OSError as err:
                     raise UsageError(f"cannot write {path}: {err.strerror or err}") from None
                 written.append(path)
@@ -905,12 +968,64 @@ def write_overlays(
     return written
 
 
+def _save_titled(
+    path: Path, image: np.ndarray, saliency: np.ndarray, title: str, colormap: str, alpha: float
+) -> None:
+    from PIL import Image
+
+    from salience_client.overlay import overlay
+    from salience_client.report import titled
+
+    rgb = overlay(image, saliency, colormap=colormap, alpha=alpha)
+    Image.fromarray(titled(rgb, title)).save(path, format="PNG")
+
+
 # Commands -----------------------------------------------------------------------
+
+
+def read_token(args: argparse.Namespace) -> str | None:
+    """The bearer token: --token-file's first line, else $SALIENCE_TOKEN, else None.
+
+    Messages never include it.
+    """
+    path: Path | None = getattr(args, "token_file", None)
+    if path is None:
+        return os.environ.get(TOKEN_ENV, "").strip() or None
+    try:
+        text = path.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else "not ASCII text"
+        raise UsageError(f"--token-file {path} cannot be read: {reason}") from None
+    token = text.strip()
+    if not token:
+        raise UsageError(f"--token-file {path} is empty: write the token into it")
+    return token
+
+
+def client_security(args: argparse.Namespace) -> dict[str, Any]:
+    """The `tls`, `token` and `allow_plaintext_token` arguments of the client."""
+    ca, cert, key = (getattr(args, name, None) for name in ("tls_ca", "tls_cert", "tls_key"))
+    server_name = getattr(args, "tls_server_name", None)
+    tls = None
+    if getattr(args, "tls", False) or any(v is not None for v in (ca, cert, key, server_name)):
+        try:
+            tls = TLS.from_files(ca, cert, key, server_name=server_name)
+        except ValueError as err:
+            raise UsageError(f"{err} (--tls-ca, --tls-cert, --tls-key)") from None
+    return {
+        "tls": tls,
+        "token": read_token(args),
+        "allow_plaintext_token": getattr(args, "allow_plaintext_token", False),
+    }
 
 
 @contextmanager
 def _client(args: argparse.Namespace) -> Iterator[SalienceClient]:
-    with SalienceClient(args.target, timeout=args.timeout) as client:
+    try:
+        client = SalienceClient(args.target, timeout=args.timeout, **client_security(args))
+    except ValueError as err:  # a token over plaintext, a malformed token
+        raise UsageError(str(err)) from None
+    with client:
         yield client
 
 
@@ -959,7 +1074,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
             raise UsageError(f"--colormap: {err}") from None
     check_readable(args.inputs)
     with _client(args) as client:
-        batch = load_inputs(args.inputs, client.metadata(args.model, version=args.version))
+        metadata = client.metadata(args.model, version=args.version)
+        batch = load_inputs(args.inputs, metadata)
         if not to_npz:
             check_overlayable(batch, args.keepdims)
         result = client.explain(
@@ -971,7 +1087,19 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if to_npz:
         written = [write_npz(args.out, explanation_arrays(result))]
     else:
-        written = write_overlays(args.out, batch, result, colormap=args.colormap, alpha=args.alpha)
+        from salience_client.report import class_titles
+
+        # A classifier's overlays are titled with the predicted class and its score.
+        titles = class_titles(
+            metadata,
+            result.outputs,
+            result.labels,
+            output=args.output_head,
+            filter_indices=(args.filter_indices or ()) if args.layer is None else (),
+        )
+        written = write_overlays(
+            args.out, batch, result, colormap=args.colormap, alpha=args.alpha, titles=titles
+        )
     _print_lines([str(p) for p in written])
     return EXIT_OK
 
@@ -997,6 +1125,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from salience_client import bench
 
     # Checked before the run: a load test is not something to repeat for a typo.
+    try:
+        # The clients' TLS and token, without retries: every refusal is a figure.
+        channel = ChannelConfig(args.target, retry=None, **client_security(args))
+    except ValueError as err:  # a token over plaintext, a malformed token
+        raise UsageError(str(err)) from None
     if args.plot is not None and args.plot.suffix.lower() != ".png":
         raise UsageError(f"--plot {args.plot} must name a .png file")
     if args.plot is not None:
@@ -1011,6 +1144,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.batch,
         version=args.version,
         options=explanation_options(args) if args.rpc == "explain" else None,
+        input_name=metadata.inputs[0].name if metadata.inputs else "",
     )
     duration = None if args.requests is not None else args.duration or DEFAULT_BENCH_SECONDS
     load = bench.Load(
@@ -1024,6 +1158,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rate=args.rate,
         timeout=args.timeout,
         warmup=args.concurrency if args.warmup is None else args.warmup,
+        channel=channel,
     )
     result = bench.run(load, progress=True)
     if args.plot is not None:
@@ -1038,11 +1173,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK if result.ok else EXIT_FAILURE
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from salience_client.audit import cmd_audit as audit
+
+    return audit(args)
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from salience_client.review import cmd_review as review
+
+    return review(args)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "models": cmd_models,
     "predict": cmd_predict,
     "explain": cmd_explain,
     "bench": cmd_bench,
+    "review": cmd_review,
+    "audit": cmd_audit,
 }
 
 SERVER_EXTRA_HINT = "install the server with: pip install 'salience[server]'"
@@ -1099,6 +1248,12 @@ def report_error(err: SalienceError, target: str, timeout: float | None) -> None
         print(
             f"hint: no salience server answered at {target}: start one with `salience serve`, "
             f"or point --target (or ${TARGET_ENV}) at a running one",
+            file=sys.stderr,
+        )
+    elif err.code == grpc.StatusCode.UNAUTHENTICATED:
+        print(
+            f"hint: the server asks for a bearer token: pass --token-file FILE, or set "
+            f"${TOKEN_ENV}",
             file=sys.stderr,
         )
     elif err.code == grpc.StatusCode.DEADLINE_EXCEEDED and timeout is not None:

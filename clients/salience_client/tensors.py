@@ -6,6 +6,9 @@ one `tobytes`, decoding one `np.frombuffer` (zero-copy where the bytes allow).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import numpy as np
 
 from salience.v1 import salience_pb2 as pb
@@ -34,6 +37,13 @@ DTYPE_NAMES: dict[pb.DataType, str] = {
     pb.DATA_TYPE_BOOL: "bool",
 }
 DTYPES_BY_NAME: dict[str, pb.DataType] = {name: k for k, name in DTYPE_NAMES.items()}
+
+# Most axes a tensor may have: numpy allows 64, no model input has more than a few,
+# and a shape is echoed in error messages, which must stay short.
+MAX_RANK = 32
+# Bytes an empty tensor's shape may describe, counting its zero-sized axes as 1:
+# the most `data` can hold (protobuf's 2 GiB), so numpy can always represent it.
+MAX_EMPTY_BYTES = 2**31
 
 
 class TensorError(ValueError):
@@ -64,6 +74,29 @@ def encode(array: np.ndarray, name: str = "") -> pb.Tensor:
     return pb.Tensor(name=name, dtype=wire, shape=list(arr.shape), data=little.tobytes())
 
 
+def checked_shape(dims: Sequence[int], itemsize: int, field: str = "tensor") -> tuple[int, ...]:
+    """A request tensor's shape, refused (TensorError naming `field`) when it has too
+    many axes, a negative one, or is empty with other axes too large for any tensor.
+    Shared with the Open Inference Protocol's tensors, whose values arrive elsewhere.
+    """
+    # Checked before the shape is read: a message may carry millions of axes.
+    if len(dims) > MAX_RANK:
+        raise TensorError(f"{field}.shape has {len(dims)} axes: use at most {MAX_RANK}")
+    shape = tuple(int(d) for d in dims)
+    if any(d < 0 for d in shape):
+        raise TensorError(
+            f"{field}.shape={list(shape)} has a negative dimension: use sizes of 0 or more"
+        )
+    # Python integers: exact, where an int64 product of large axes wraps around and
+    # could match the byte length of a much smaller tensor.
+    if math.prod(shape) == 0 and math.prod(max(d, 1) for d in shape) * itemsize > MAX_EMPTY_BYTES:
+        raise TensorError(
+            f"{field}.shape={list(shape)} is empty but its other axes are too large for "
+            f"any tensor: their product × itemsize must be at most {MAX_EMPTY_BYTES} bytes"
+        )
+    return shape
+
+
 def decode(tensor: pb.Tensor, field: str = "tensor") -> np.ndarray:
     """Decodes a tensor, checking dtype, shape and byte length.
 
@@ -76,10 +109,8 @@ def decode(tensor: pb.Tensor, field: str = "tensor") -> np.ndarray:
             f"{field}.dtype={dtype_name(tensor.dtype)} is not supported: "
             f"use one of {', '.join(DTYPES_BY_NAME)}"
         )
-    shape = tuple(int(d) for d in tensor.shape)
-    if any(d < 0 for d in shape):
-        raise TensorError(f"{field}.shape={list(shape)} has a negative dimension")
-    count = int(np.prod(shape, dtype=np.int64))
+    shape = checked_shape(tensor.shape, dt.itemsize, field)
+    count = math.prod(shape)
     expected = count * dt.itemsize
     if len(tensor.data) != expected:
         raise TensorError(

@@ -1,5 +1,6 @@
-"""Server wiring: the Salience servicer, the standard health service, server
-reflection, message size limits, metrics, readiness and an ordered shutdown.
+"""Server wiring: the Salience servicer and, on the same port, the Open Inference
+Protocol's (`oip`), the standard health service, server reflection, message size
+limits, metrics, readiness and an ordered shutdown.
 
 Start-up: the device is chosen (and GPU memory growth turned on) before any op,
 then the port is bound and the health service answers at once, NOT_SERVING, while
@@ -14,15 +15,21 @@ Hot reload: once loaded, a repository given by `model_repository` is polled ever
 are loaded, swapped in and retired while the server serves; a model's health entry
 follows it (SERVING once served, NOT_SERVING once removed).
 
-Shutdown on SIGTERM/SIGINT: health goes NOT_SERVING, the server stops accepting and
-lets in-flight calls finish within the grace period (the batchers send what is
-queued without waiting), then the batchers and threads are drained and the models
-released — never the model before the calls.
+Shutdown on SIGTERM/SIGINT: new requests are refused (UNAVAILABLE: retry on another
+server) and health goes NOT_SERVING, while in-flight calls finish within the grace
+period (the batchers send what is queued without waiting); then the gRPC server
+stops, cutting calls still running (UNAVAILABLE) and health Watch streams, which
+would otherwise hold the shutdown for the whole grace. Then the batchers and
+threads are drained and the models released — never the model before the calls; a
+device call in progress finishes first, so a process outlives its grace by at most
+one device call. Further signals change nothing: the grace already bounds the
+shutdown.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -33,6 +40,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from inference.v2 import grpc_service_pb2_grpc
 from salience.v1 import salience_pb2, salience_pb2_grpc
 from salience_server import devices
 from salience_server.core import InferenceCore
@@ -40,15 +48,23 @@ from salience_server.demo import bundled_repository
 from salience_server.devices import Placement
 from salience_server.errors import Call, ErrorInterceptor
 from salience_server.metrics import Metrics
+from salience_server.oip import SERVICE_NAME as OIP_SERVICE_NAME
+from salience_server.oip import OipServicer
 from salience_server.plugins import load_plugins
 from salience_server.reload import RepositoryWatcher, cancel
 from salience_server.repository import LOADING, READY, ModelRepository, RepositoryError, scan
+from salience_server.security import load_security
 from salience_server.servicer import SalienceServicer
 from salience_server.settings import Settings
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = salience_pb2.DESCRIPTOR.services_by_name["Salience"].full_name
+# Clients may ping an idle connection every 10 s or more (the salience client pings
+# after 30 s without traffic, to notice connections dropped by NATs and load
+# balancers); gRPC's server defaults — 5 min, and no pings at all without calls in
+# flight — answer such pings with GOAWAY too_many_pings.
+MIN_CLIENT_PING_INTERVAL_MS = 10_000
 
 
 class SalienceServer:
@@ -74,6 +90,15 @@ class SalienceServer:
         self._watching: asyncio.Task[None] | None = None
         self.port = 0
         self.metrics_port: int | None = None
+        # Calls the interceptor sees (the RPCs that do work) still running: a
+        # shutdown waits for these, not for health Watch streams (`_stop_serving`).
+        self._working = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        # What the Open Inference Protocol's ServerReady and ModelReady report: the
+        # server health's SERVING, and whether shutdown has begun.
+        self._serving = False
+        self._stopping = False
 
     @property
     def repository_root(self) -> Path:
@@ -81,6 +106,11 @@ class SalienceServer:
 
     def _observe(self, call: Call) -> None:
         self.metrics.observe(call, self._known_models)
+        self._working += -1 if call.done else 1
+        if self._working:
+            self._idle.clear()
+        else:
+            self._idle.set()
 
     def _known_models(self) -> set[str]:
         return set() if self.core is None else self.core.repository.known()
@@ -105,8 +135,11 @@ class SalienceServer:
         """Binds the port with every health status NOT_SERVING, starts loading the
         models in the background, and returns the bound port (see `wait_ready`).
 
-        Raises SettingsError when the device asked for is absent.
+        Raises SettingsError when the device asked for is absent, or a TLS or token
+        file cannot be used.
         """
+        # First, so a bad certificate or token file stops start-up at once.
+        security = await asyncio.to_thread(load_security, self.settings)
         # Before any TensorFlow op: memory growth can only be set on a fresh GPU.
         self.placement = await asyncio.to_thread(devices.configure, self.settings)
         # Plugins next: their modifiers must exist before models list what they support.
@@ -119,22 +152,45 @@ class SalienceServer:
         self.core.expect(expected)
         self.metrics.track_model_versions(self._version_states)
         limit = self.settings.max_message_bytes
-        server = aio.server(
-            interceptors=[ErrorInterceptor(self._observe)],
-            options=[
-                ("grpc.max_send_message_length", limit),
-                ("grpc.max_receive_message_length", limit),
-            ],
-        )
+        options: list[tuple[str, int]] = [
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
+        ]
+        if self.settings.max_connection_age_seconds > 0:
+            options += [
+                (
+                    "grpc.max_connection_age_ms",
+                    round(self.settings.max_connection_age_seconds * 1e3),
+                ),
+                (
+                    "grpc.max_connection_age_grace_ms",
+                    round(self.settings.shutdown_grace_seconds * 1e3),
+                ),
+            ]
+        interceptors: list[aio.ServerInterceptor] = [ErrorInterceptor(self._observe)]
+        if security.interceptor is not None:
+            # Inside the error interceptor, which so counts refused calls as UNAUTHENTICATED.
+            interceptors.append(security.interceptor)
+        server = aio.server(interceptors=interceptors, options=options)
         salience_pb2_grpc.add_SalienceServicer_to_server(SalienceServicer(self.core), server)
+        # The Open Inference Protocol on the same port, over the same core.
+        oip = OipServicer(
+            self.core, lambda: self._serving and not self._stopping, lambda: self._stopping
+        )
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(oip, server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
-            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+            [SERVICE_NAME, OIP_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
         address = f"{self.settings.host}:{self.settings.port}"
         try:
-            self.port = server.add_insecure_port(address)
+            if security.credentials is None:
+                self.port = server.add_insecure_port(address)
+            else:
+                self.port = server.add_secure_port(address, security.credentials)
         except RuntimeError as err:  # grpcio reports a failed bind as a bare RuntimeError
             raise OSError(f"cannot listen on {address}: {err}") from None
         for service in ("", SERVICE_NAME, *self._model_services(expected)):
@@ -147,9 +203,10 @@ class SalienceServer:
         if self.settings.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(self.settings.metrics_port, self.settings.host)
         log.info(
-            "listening on %s:%d (metrics on %s); loading %s from %s",
+            "listening on %s:%d (%s; metrics on %s); loading %s from %s",
             self.settings.host,
             self.port,
+            security.describe(),
             self.metrics_port if self.metrics_port is not None else "off",
             ", ".join(expected) or "nothing",
             self.repository_root,
@@ -220,6 +277,7 @@ class SalienceServer:
             )
         for service in ("", SERVICE_NAME):
             await health_servicer.set(service, serving)
+        self._serving = True
         log.info(
             "serving %s on %s:%d, %.1fs after the port opened",
             ", ".join(ready),
@@ -259,10 +317,19 @@ class SalienceServer:
             await self._health.set(name, status.SERVING if serving else status.NOT_SERVING)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Ordered shutdown: NOT_SERVING, drain in-flight calls, then release models."""
+        """Ordered shutdown: refuse new requests and go NOT_SERVING, let in-flight
+        calls finish within the grace, then release the models.
+        """
         if self._server is None:
             return
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        self._stopping = True
+        if self.core is not None:
+            # New requests are refused (UNAVAILABLE) from before health says
+            # NOT_SERVING, so a caller that saw NOT_SERVING is never admitted; queued
+            # ones go to the device at once, so in-flight calls can finish within
+            # the grace instead of waiting for batch company.
+            self.core.drain()
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         if self._loading is not None:
@@ -274,16 +341,28 @@ class SalienceServer:
         # No reload may swap models in while they are being released.
         await cancel(self._watching)
         if self.core is not None:
-            # Queued requests go to the device at once, so in-flight calls can
-            # finish within the grace instead of waiting for batch company.
-            self.core.drain()
-        await self._server.stop(grace)
+            self.core.drain()  # again: batchers a reload made meanwhile
+        await self._stop_serving(self._server, grace)
         if self.watcher is not None:
             await self.watcher.aclose()  # versions being retired, now without requests
         if self.core is not None:
             await self.core.aclose()
         self._server = None
         log.info("stopped")
+
+    async def _stop_serving(self, server: aio.Server, grace: float) -> None:
+        """Lets the calls in flight finish within `grace` while new ones are refused
+        (UNAVAILABLE, by the drained batchers), then stops the gRPC server, cutting
+        what is left: calls that outlast the grace, and health Watch streams, which
+        never end by themselves and would hold every shutdown for the whole grace.
+
+        The port stays open until then: a stopping gRPC server answers a call that
+        reaches one of its open connections with CANCELLED, which callers do not
+        retry, where UNAVAILABLE sends them to another server.
+        """
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), grace)
+        await server.stop(0)
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:

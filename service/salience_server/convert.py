@@ -9,7 +9,8 @@ import numpy as np
 from salience.v1 import salience_pb2 as pb
 from salience_client import tensors
 from salience_client.tensors import TensorError
-from salience_server.errors import InvalidArgument
+from salience_server.errors import InvalidArgument, allowed
+from salience_server.explain.modifiers import GRAD_MODIFIERS
 from salience_server.explain.options import (
     VANILLA,
     ExplainOptions,
@@ -21,13 +22,43 @@ from salience_server.explain.options import (
 from salience_server.repository import VersionStatus
 from salience_server.runtime import ModelRuntime, TensorInfo
 
+# Longest string a request field may hold. Names (of models, layers, inputs,
+# methods, modifiers) are short, and error messages echo them: a status's message
+# travels in a header that gRPC clients cap at 8 to 16 KiB, so a longer name would
+# turn the precise refusal into a transport error.
+MAX_NAME_CHARS = 256
+# Most tensors one request may carry: models take a handful of inputs, and each
+# tensor is decoded on the event loop before the model is known.
+MAX_INPUTS = 1024
+# Weights and noise are computed in float32: a larger double would become inf.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_name(field: str, value: str) -> None:
+    """Refuses a string longer than any name, without echoing it."""
+    if len(value) > MAX_NAME_CHARS:
+        raise InvalidArgument(
+            f"{field} has {len(value)} characters, longer than any name: use at most "
+            f"{MAX_NAME_CHARS}"
+        )
+
+
+def check_model(spec: pb.ModelSpec) -> None:
+    """What can be checked of a ModelSpec before the repository is asked."""
+    check_name("model.name", spec.name)
+
 
 def request_inputs(inputs: Sequence[pb.Tensor]) -> dict[str, np.ndarray]:
     """Decodes request tensors keyed by name; checks byte lengths and duplicates."""
     if not inputs:
         raise InvalidArgument("inputs is empty: send one tensor per model input")
+    if len(inputs) > MAX_INPUTS:
+        raise InvalidArgument(
+            f"inputs has {len(inputs)} tensors: send one per model input, at most {MAX_INPUTS}"
+        )
     arrays: dict[str, np.ndarray] = {}
     for k, tensor in enumerate(inputs):
+        check_name(f"inputs[{k}].name", tensor.name)
         if tensor.name in arrays:
             raise InvalidArgument(f"inputs[{k}].name={tensor.name!r} is given twice")
         try:
@@ -46,16 +77,83 @@ def _layer(ref: pb.LayerRef) -> LayerSelector:
     return None
 
 
-def explain_options(explanation: pb.Explanation) -> ExplainOptions:
-    """Fills in every default of an Explanation; model-specific checks come later."""
+def _check_sizes(explanation: pb.Explanation, limits: Limits) -> None:
+    """Refuses lists longer than the server's caps before a single entry is
+    converted: a message may carry millions of entries, and the conversion runs on
+    the event loop. A model's own caps, which may be lower, are checked later.
+    """
+    if len(explanation.objectives) > limits.max_objectives:
+        raise InvalidArgument(
+            f"explanation.objectives has {len(explanation.objectives)} entries, over the "
+            f"server's max_objectives={limits.max_objectives}"
+        )
+    for k, objective in enumerate(explanation.objectives):
+        if len(objective.filter_indices) > limits.max_filter_indices:
+            raise InvalidArgument(
+                f"explanation.objectives[{k}].filter_indices has "
+                f"{len(objective.filter_indices)} entries, over the server's "
+                f"max_filter_indices={limits.max_filter_indices}: list each unit once, or "
+                "none for the mean of the whole layer"
+            )
+    if len(explanation.grad_modifiers) > len(GRAD_MODIFIERS):
+        raise InvalidArgument(
+            f"explanation.grad_modifiers has {len(explanation.grad_modifiers)} entries, but "
+            f"there are {len(GRAD_MODIFIERS)} grad modifiers: list each once, from "
+            f"{allowed(GRAD_MODIFIERS)}"
+        )
+
+
+def _check_names(explanation: pb.Explanation) -> None:
+    """Every string of an Explanation, checked before any check can echo one."""
+    names = {
+        "explanation.method": explanation.method,
+        "explanation.backprop_modifier": explanation.backprop_modifier,
+        "explanation.input": explanation.input,
+        "explanation.output": explanation.output,
+        "explanation.wrt.name": explanation.wrt.name,
+        "explanation.penultimate_layer.name": explanation.penultimate_layer.name,
+        "explanation.baseline.name": explanation.baseline.name,
+    }
+    names.update(
+        (f"explanation.grad_modifiers[{k}]", name)
+        for k, name in enumerate(explanation.grad_modifiers)
+    )
+    names.update(
+        (f"explanation.objectives[{k}].layer.name", o.layer.name)
+        for k, o in enumerate(explanation.objectives)
+    )
+    for field, value in names.items():
+        check_name(field, value)
+
+
+def _weight(k: int, objective: pb.Objective) -> float:
+    if not objective.HasField("weight"):
+        return 1.0
+    weight = objective.weight
+    if not (np.isfinite(weight) and abs(weight) <= FLOAT32_MAX):
+        raise InvalidArgument(
+            f"explanation.objectives[{k}].weight={weight} is not allowed: use a finite "
+            f"value of magnitude at most {FLOAT32_MAX:.7g} (scores are float32)"
+        )
+    return weight
+
+
+def explain_options(explanation: pb.Explanation, limits: Limits | None = None) -> ExplainOptions:
+    """Fills in every default of an Explanation; model-specific checks come later.
+
+    With the server's `limits`, over-long lists are refused before they are read.
+    """
+    if limits is not None:
+        _check_sizes(explanation, limits)
+    _check_names(explanation)
     output_dtype = explanation.output_dtype or pb.DATA_TYPE_FLOAT32
     objectives = tuple(
         Objective(
             layer=_layer(o.layer),
             filter_indices=tuple(int(i) for i in o.filter_indices),
-            weight=o.weight if o.HasField("weight") else 1.0,
+            weight=_weight(k, o),
         )
-        for o in explanation.objectives
+        for k, o in enumerate(explanation.objectives)
     ) or (Objective(),)
     baseline = None
     if explanation.HasField("baseline"):
@@ -64,10 +162,11 @@ def explain_options(explanation: pb.Explanation) -> ExplainOptions:
         except TensorError as err:
             raise InvalidArgument(str(err)) from None
     noise = explanation.noise if explanation.HasField("noise") else None
-    if noise is not None and not (np.isfinite(noise) and noise >= 0):
+    if noise is not None and not (np.isfinite(noise) and 0 <= noise <= FLOAT32_MAX):
         raise InvalidArgument(
             f"explanation.noise={noise} is not allowed: use a finite value >= 0 (a fraction "
-            "of each sample's value range; unset means the default)"
+            f"of each sample's value range, at most {FLOAT32_MAX:.7g} as it is computed in "
+            "float32; unset means the default)"
         )
     return ExplainOptions(
         method=explanation.method or VANILLA,
@@ -89,6 +188,8 @@ def explain_options(explanation: pb.Explanation) -> ExplainOptions:
         noise=noise,
         steps=explanation.steps,
         baseline=baseline,
+        randomize_layers=explanation.randomization.layers,
+        randomize_seed=explanation.randomization.seed,
         unset=_unset_options(explanation),
     )
 
@@ -154,6 +255,8 @@ def explain_response(runtime: ModelRuntime, result: ExplainResult) -> pb.Explain
         noise=r.noise,
         steps=r.steps,
         output=r.output_name,
+        randomized_layers=list(r.randomized_layers),
+        randomization_seed=r.randomization_seed,
     )
     extras = {
         name: tensors.encode(np.asarray(value, dtype=np.float32), name)

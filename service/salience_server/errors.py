@@ -8,9 +8,10 @@ becomes INTERNAL with a message that leaks nothing, and is logged with its trace
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -97,6 +98,22 @@ class Call:
 
 _CALL: ContextVar[Call | None] = ContextVar("salience_call", default=None)
 
+# A caller whose deadline passes cancels the call itself, a moment before the
+# server's copy of that deadline passes: the copy is later by the request's transit
+# and by gRPC rounding the timeout up on the wire (to 10 ms between 1 and 10 s, to
+# 100 ms up to 100 s: at most 1 %).
+DEADLINE_SLACK_SECONDS = 0.05
+DEADLINE_SLACK_FRACTION = 0.01
+
+
+def deadline_passed(remaining: float | None, budget: float | None) -> bool:
+    """Whether a call cancelled with `remaining` seconds left of its deadline, out of
+    the `budget` it started with (None: no deadline), was cancelled because of it.
+    """
+    if remaining is None:
+        return False
+    return remaining <= DEADLINE_SLACK_SECONDS + DEADLINE_SLACK_FRACTION * (budget or 0.0)
+
 
 def label_call(model: str, method: str) -> None:
     """Names the model and method of the RPC being handled (outside one: nothing)."""
@@ -109,53 +126,169 @@ Observer = Callable[[Call], None]
 """Told of each RPC twice: when it starts, and once answered (`Call.done`)."""
 
 
-def _guard(method: str, handler: Handler, observe: Observer) -> Handler:
+async def _observed(
+    method: str,
+    call: Call,
+    context: aio.ServicerContext,
+    observe: Observer,
+    serve: Callable[[], Awaitable[Any]],
+) -> Any:
+    """Runs `serve` as the RPC `call`: counts it when it starts and once answered, and
+    turns what it raises into the RPC's status (the same way for every kind of RPC).
+    """
+    start = time.perf_counter()
+    budget = context.time_remaining()
+    token = _CALL.set(call)
+    observe(call)
+
+    def answered(code: grpc.StatusCode) -> None:
+        # Observed before the status is sent: a caller that has its answer can
+        # scrape the metrics and find the call counted.
+        if not call.done:
+            call.code, call.seconds, call.done = code, time.perf_counter() - start, True
+            observe(call)
+
+    rpc = call.rpc
+    try:
+        response = await serve()
+        answered(grpc.StatusCode.OK)
+        return response
+    except ServiceError as err:
+        answered(err.code)
+        await context.abort(err.code, _fit(err.message))
+    except aio.AbortError:
+        answered(context.code() or grpc.StatusCode.UNKNOWN)
+        raise
+    except asyncio.CancelledError:
+        # A call cancelled by its deadline counts as its caller sees it.
+        expired = deadline_passed(context.time_remaining(), budget)
+        answered(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED)
+        raise
+    except Exception:
+        log.exception("unexpected failure in %s", method)
+        answered(grpc.StatusCode.INTERNAL)
+        await context.abort(
+            grpc.StatusCode.INTERNAL,
+            f"internal error while serving {rpc}; the server log has the details",
+        )
+    finally:
+        _CALL.reset(token)
+
+
+# A status message travels percent-encoded in a header that gRPC clients refuse
+# beyond 8 to 16 KiB: a longer one would reach the caller as a transport error
+# instead of the refusal, so messages are cut to this many bytes.
+MAX_DETAILS_BYTES = 2048
+
+
+def _fit(message: str) -> str:
+    data = message.encode()
+    if len(data) <= MAX_DETAILS_BYTES:
+        return message
+    return data[:MAX_DETAILS_BYTES].decode(errors="ignore") + " …"
+
+
+Deserializer = Callable[[bytes], Any]
+
+
+def _parse(deserialize: Deserializer, raw: bytes) -> Any:
+    """The request message of raw bytes; bytes that are none are the caller's fault."""
+    try:
+        return deserialize(raw)
+    except Exception as err:  # protobuf's DecodeError, whatever the parser's failure
+        raise InvalidArgument(
+            f"the request is not a valid protobuf message of the method's request type ({err})"
+        ) from None
+
+
+def _guard(
+    method: str, handler: Handler, observe: Observer, deserialize: Deserializer | None = None
+) -> Handler:
+    """Wraps a unary-unary handler. With `deserialize`, the request arrives as bytes and
+    is parsed inside the call, so that bytes which are no valid message get
+    INVALID_ARGUMENT (gRPC's own parsing answers UNKNOWN) and are counted like any call.
+    """
     rpc = method.rsplit("/", 1)[-1]
 
     async def guarded(request: Any, context: aio.ServicerContext) -> Any:
-        start = time.perf_counter()
         # A fresh object per call, so concurrent calls never share labels.
-        call = Call(rpc, request_bytes=request.ByteSize())
-        token = _CALL.set(call)
-        observe(call)
+        size = len(request) if deserialize is not None else request.ByteSize()
+        call = Call(rpc, request_bytes=size)
 
-        def answered(code: grpc.StatusCode) -> None:
-            # Observed before the status is sent: a caller that has its answer can
-            # scrape the metrics and find the call counted.
-            if not call.done:
-                call.code, call.seconds, call.done = code, time.perf_counter() - start, True
-                observe(call)
-
-        try:
-            response = await handler(request, context)
+        async def serve() -> Any:
+            parsed = _parse(deserialize, request) if deserialize is not None else request
+            response = await handler(parsed, context)
             call.response_bytes = response.ByteSize()
-            answered(grpc.StatusCode.OK)
             return response
-        except ServiceError as err:
-            answered(err.code)
-            await context.abort(err.code, err.message)
-        except aio.AbortError:
-            answered(context.code() or grpc.StatusCode.UNKNOWN)
-            raise
-        except asyncio.CancelledError:
-            answered(grpc.StatusCode.CANCELLED)
-            raise
-        except Exception:
-            log.exception("unexpected failure in %s", method)
-            answered(grpc.StatusCode.INTERNAL)
-            await context.abort(
-                grpc.StatusCode.INTERNAL,
-                f"internal error while serving {rpc}; the server log has the details",
-            )
-        finally:
-            _CALL.reset(token)
+
+        return await _observed(method, call, context, observe, serve)
+
+    return guarded
+
+
+StreamHandler = Callable[[AsyncIterator[Any], aio.ServicerContext], Any]
+"""A stream-stream behaviour: an async generator of responses, or a coroutine that
+writes them with `context.write`."""
+
+
+class _Counted:
+    """A stream's requests, adding each one's size to its call as it is read, and
+    parsing each with `deserialize` when they arrive as bytes (see `_guard`).
+    """
+
+    def __init__(
+        self, requests: AsyncIterator[Any], call: Call, deserialize: Deserializer | None
+    ) -> None:
+        self._requests = requests
+        self._call = call
+        self._deserialize = deserialize
+
+    def __aiter__(self) -> _Counted:
+        return self
+
+    async def __anext__(self) -> Any:
+        request = await anext(self._requests)
+        if self._deserialize is None:
+            self._call.request_bytes += request.ByteSize()
+            return request
+        self._call.request_bytes += len(request)
+        return _parse(self._deserialize, request)
+
+
+def _guard_stream(
+    method: str, handler: StreamHandler, observe: Observer, deserialize: Deserializer | None = None
+) -> StreamHandler:
+    """`_guard` for a stream-stream RPC: the whole stream is one call (its sizes are
+    the sums over its messages, its duration from start to status), and what the
+    handler raises at any point becomes the stream's status the same way; a message
+    that is no valid protobuf ends the stream with INVALID_ARGUMENT.
+    """
+    rpc = method.rsplit("/", 1)[-1]
+
+    async def guarded(requests: AsyncIterator[Any], context: aio.ServicerContext) -> None:
+        call = Call(rpc)
+
+        async def serve() -> None:
+            responses = handler(_Counted(requests, call, deserialize), context)
+            if not hasattr(responses, "__aiter__"):
+                await responses  # the handler writes its responses itself
+                return
+            # Closed here, not by the garbage collector, so its clean-up (cancelling
+            # what it started) runs inside this call, before its status is sent.
+            async with contextlib.aclosing(responses):
+                async for response in responses:
+                    call.response_bytes += response.ByteSize()
+                    await context.write(response)
+
+        await _observed(method, call, context, observe, serve)
 
     return guarded
 
 
 class ErrorInterceptor(aio.ServerInterceptor):
-    """Maps exceptions raised by unary-unary handlers to gRPC statuses, in one place,
-    and reports every answered call to an observer (the metrics).
+    """Maps exceptions raised by unary-unary and stream-stream handlers to gRPC
+    statuses, in one place, and reports every answered call to an observer (the
+    metrics).
     """
 
     def __init__(self, observe: Observer = lambda call: None) -> None:
@@ -167,10 +300,26 @@ class ErrorInterceptor(aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
+        if handler is not None and handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                _guard_stream(
+                    handler_call_details.method,
+                    handler.stream_stream,
+                    self._observe,
+                    handler.request_deserializer,
+                ),
+                request_deserializer=None,  # parsed by the guard, message by message
+                response_serializer=handler.response_serializer,
+            )
         if handler is None or handler.unary_unary is None:
             return handler
         return grpc.unary_unary_rpc_method_handler(
-            _guard(handler_call_details.method, handler.unary_unary, self._observe),
-            request_deserializer=handler.request_deserializer,
+            _guard(
+                handler_call_details.method,
+                handler.unary_unary,
+                self._observe,
+                handler.request_deserializer,
+            ),
+            request_deserializer=None,  # parsed by the guard (see `_guard`)
             response_serializer=handler.response_serializer,
         )

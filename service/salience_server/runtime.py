@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +30,7 @@ from salience_server.errors import (
     ServiceError,
     allowed,
 )
-from salience_server.explain import backprop, modifiers
+from salience_server.explain import backprop, modifiers, randomize
 from salience_server.explain.engine import (
     DeviceFunction,
     Graph,
@@ -85,9 +85,22 @@ def _check_honoured(options: ExplainOptions, plan: Plan) -> None:
         )
 
 
+def _op_reason(err: tf.errors.OpError) -> str:
+    """The failing op's own words, without TensorFlow's trace of where its node was
+    defined (the last line that is neither a node reference nor a frame).
+    """
+    lines = [line.strip() for line in err.message.splitlines() if line.strip()]
+    reasons = [line for line in lines if not line.startswith(("[[", "File ", "Detected at"))]
+    return reasons[-1] if reasons else type(err).__name__
+
+
 @contextmanager
 def _device_errors(model: str) -> Iterator[None]:
-    """A device that runs out of memory fails only this call, as RESOURCE_EXHAUSTED."""
+    """A device that runs out of memory fails only this call, as RESOURCE_EXHAUSTED;
+    inputs that pass every check but that the model's layers cannot compute (free
+    axes too small for a convolution, a value the model asserts against) fail it as
+    INVALID_ARGUMENT.
+    """
     try:
         yield
     except tf.errors.ResourceExhaustedError:
@@ -95,6 +108,14 @@ def _device_errors(model: str) -> Iterator[None]:
         raise ResourceExhausted(
             f"device out of memory while computing model {model!r}: retry later or with "
             "fewer samples"
+        ) from None
+    except tf.errors.InvalidArgumentError as err:
+        reason = _op_reason(err)
+        # The caller's fault, answered in full: no traceback for every such request.
+        log.info("model %s: inputs its layers cannot compute: %s", model, reason)
+        raise InvalidArgument(
+            f"inputs do not fit model {model!r}: its layers fail on them ({reason}); "
+            "send inputs the model accepts (GetModelMetadata lists their shapes)"
         ) from None
 
 
@@ -326,6 +347,12 @@ class ModelRuntime:
                         f"{field}.shape[{axis + 1}]={got} does not match: input {info.name!r} "
                         f"takes shape {expected}"
                     )
+                # A free axis of size 0 passes the spec, but no layer computes on it.
+                if got == 0:
+                    raise InvalidArgument(
+                        f"{field}.shape[{axis + 1}]=0 is empty: input {info.name!r} takes "
+                        f"shape {expected} with at least one value along every axis"
+                    )
             if array.shape[0] == 0:
                 raise InvalidArgument(f"{field} is an empty batch: send at least one sample")
             if array.shape[0] > max_batch:
@@ -371,6 +398,7 @@ class ModelRuntime:
                 f"explanation.method={options.method!r} is unknown: use one of {allowed(METHODS)}"
             )
         backprop.check_name(options)
+        randomize.check(self, options)
         seen: set[str] = set()
         for k, name in enumerate(options.grad_modifiers):
             if name not in modifiers.GRAD_MODIFIERS:
@@ -403,6 +431,13 @@ class ModelRuntime:
                 raise InvalidArgument(
                     f"explanation.objectives[{k}].weight={objective.weight} is not finite"
                 )
+            if len(objective.filter_indices) > limits.max_filter_indices:
+                raise InvalidArgument(
+                    f"explanation.objectives[{k}].filter_indices has "
+                    f"{len(objective.filter_indices)} entries, over the server's "
+                    f"max_filter_indices={limits.max_filter_indices}: list each unit once, or "
+                    "none for the mean of the whole layer"
+                )
         if options.samples > limits.max_samples:
             raise InvalidArgument(
                 f"explanation.samples={options.samples} is over {limits.whose('max_samples')} "
@@ -433,6 +468,16 @@ class ModelRuntime:
         with self._lock:
             plan = method.plan(self, options, batch)
         _check_honoured(options, plan)
+        if options.randomize_layers:
+            # Planned on the trained model (same layers and indices as the copy); the
+            # graph key sends the device call to a function built on the copy.
+            key = (options.randomize_layers, options.randomize_seed)
+            plan.graph = dataclasses.replace(plan.graph, randomize=key)
+            plan.resolved = dataclasses.replace(
+                plan.resolved,
+                randomized_layers=randomize.layer_names(self, options.randomize_layers),
+                randomization_seed=options.randomize_seed,
+            )
         return plan
 
     def compute(
@@ -531,13 +576,23 @@ class ModelRuntime:
             if fn is not None:
                 self._functions.move_to_end(graph)
                 return fn
-            fn = METHODS[graph.method].build(self, graph, param_specs(params))
+            if graph.randomize is None:
+                fn = METHODS[graph.method].build(self, graph, param_specs(params))
+            else:
+                twin = randomize.copy_runtime(self, *graph.randomize)
+                plain = dataclasses.replace(graph, randomize=None)
+                fn = METHODS[graph.method].build(twin, plain, param_specs(params))
             if self.placement.xla:
                 fn = _with_xla(fn)
             self._functions[graph] = fn
             if len(self._functions) > FUNCTION_CACHE_SIZE:
                 self._functions.popitem(last=False)
             return fn
+
+    def forget_functions(self, stale: Callable[[Graph], bool]) -> None:
+        """Drops the compiled functions of the graphs `stale` selects (with _lock held)."""
+        for graph in [g for g in self._functions if stale(g)]:
+            del self._functions[graph]
 
     def supported_methods(self) -> tuple[str, ...]:
         """The methods this model can be explained with."""

@@ -6,7 +6,9 @@ them into statuses, so no method handles them itself.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from grpc import aio
 
@@ -18,6 +20,7 @@ from salience_server.errors import label_call
 from salience_server.explain.methods import METHODS
 from salience_server.explain.modifiers import GRAD_MODIFIERS
 from salience_server.explain.options import VANILLA
+from salience_server.stream import explain_stream
 
 
 def deadline(context: aio.ServicerContext) -> float | None:
@@ -34,6 +37,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         self, request: pb.PredictRequest, context: aio.ServicerContext
     ) -> pb.PredictResponse:
         label_call(request.model.name, "predict")
+        convert.check_model(request.model)
         arrays = convert.request_inputs(request.inputs)
         runtime, outputs = await self.core.predict(
             request.model.name, request.model.version, arrays, deadline(context)
@@ -51,12 +55,23 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         # an unknown method gets "" so callers cannot grow the label set.
         method = request.explanation.method or VANILLA
         label_call(request.model.name, method if method in METHODS else "")
+        convert.check_model(request.model)
         arrays = convert.request_inputs(request.inputs)
-        options = convert.explain_options(request.explanation)
+        options = convert.explain_options(request.explanation, self.core.settings.limits)
         runtime, result = await self.core.explain(
             request.model.name, request.model.version, arrays, options, deadline(context)
         )
         return convert.explain_response(runtime, result)
+
+    async def ExplainStream(
+        self, request_iterator: AsyncIterator[pb.ExplainStreamRequest], context: aio.ServicerContext
+    ) -> AsyncGenerator[pb.ExplainStreamResponse, None]:
+        # Frames are read, batched and answered in order by `stream` (the window,
+        # the per-frame errors, the clean-up on cancellation).
+        frames = explain_stream(self.core, request_iterator, deadline(context))
+        async with contextlib.aclosing(frames):
+            async for response in frames:
+                yield response
 
     def _metadata(self, name: str, version: int, with_layers: bool) -> pb.ModelMetadata:
         repository = self.core.repository
@@ -81,6 +96,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         self, request: pb.GetModelMetadataRequest, context: aio.ServicerContext
     ) -> pb.ModelMetadata:
         label_call(request.model.name, "")
+        convert.check_model(request.model)
         return self._metadata(request.model.name, request.model.version, with_layers=True)
 
     async def ListModels(

@@ -103,6 +103,39 @@ class Settings:
         default=8000,
         metadata=_doc("Prometheus /metrics HTTP port; 0 picks a free one, -1 turns it off"),
     )
+    tls_cert_file: Path | None = field(
+        default=None,
+        metadata=_doc(
+            "PEM certificate chain of the gRPC port: set with tls_key_file, the port speaks "
+            "only TLS; unset, plaintext"
+        ),
+    )
+    tls_key_file: Path | None = field(
+        default=None, metadata=_doc("PEM private key of tls_cert_file")
+    )
+    tls_client_ca_file: Path | None = field(
+        default=None,
+        metadata=_doc(
+            "PEM CA certificates for mutual TLS: every client must present a certificate "
+            "they signed, or its connection is refused (needs tls_cert_file)"
+        ),
+    )
+    auth_token_file: Path | None = field(
+        default=None,
+        metadata=_doc(
+            "File of bearer tokens, one per line (# comments): every call but health "
+            "checks must carry `authorization: Bearer <token>` with one of them, or is "
+            "answered UNAUTHENTICATED; unset, no token is asked for"
+        ),
+    )
+    max_connection_age_seconds: float = field(
+        default=0.0,
+        metadata=_doc(
+            "Close each client connection after this long (gracefully: calls in flight "
+            "get shutdown_grace_seconds to finish), so that clients resolve the "
+            "server's name again and spread over new replicas; 0 never closes them"
+        ),
+    )
     max_message_bytes: int = field(
         default=64 * MIB,
         metadata=_doc(
@@ -115,6 +148,13 @@ class Settings:
     )
     max_objectives: int = field(
         default=16, metadata=_doc("Most objectives one explanation may sum")
+    )
+    max_filter_indices: int = field(
+        default=4096,
+        metadata=_doc(
+            "Most filter indices one objective may list (each is resolved and echoed, so "
+            "an unbounded list is unbounded work)"
+        ),
     )
     max_samples: int = field(
         default=128, metadata=_doc("Most SmoothGrad noisy copies one explanation may ask for")
@@ -221,6 +261,7 @@ class Settings:
         """The per-request caps explanation options are checked against."""
         return Limits(
             max_objectives=self.max_objectives,
+            max_filter_indices=self.max_filter_indices,
             max_samples=self.max_samples,
             max_steps=self.max_steps,
         )
@@ -241,6 +282,26 @@ class Settings:
             raise SettingsError(
                 f"metrics_port={self.metrics_port} is out of range: use -1 (off) or 0..65535"
             )
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            given, missing = (
+                ("tls_cert_file", "tls_key_file")
+                if self.tls_key_file is None
+                else ("tls_key_file", "tls_cert_file")
+            )
+            raise SettingsError(
+                f"{given} is set without {missing}: TLS needs both the certificate and "
+                "its private key"
+            )
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise SettingsError(
+                "tls_client_ca_file is set without tls_cert_file and tls_key_file: mutual "
+                "TLS needs the server's own certificate and key too"
+            )
+        if not 0 <= self.max_connection_age_seconds <= 30 * 86400:
+            raise SettingsError(
+                f"max_connection_age_seconds={self.max_connection_age_seconds} is out of "
+                "range: use 0 (never) to 2592000 (30 days)"
+            )
         if self.max_message_bytes < 4 * MIB:
             raise SettingsError(
                 f"max_message_bytes={self.max_message_bytes} is too small: use at least {4 * MIB}"
@@ -248,6 +309,7 @@ class Settings:
         for name in (
             "max_batch_size",
             "max_objectives",
+            "max_filter_indices",
             "max_samples",
             "max_steps",
             "worker_threads",

@@ -98,6 +98,32 @@ def test_json_figures_match_what_the_server_computed(served: RunningServer) -> N
     assert figures["samples_per_s"] == pytest.approx(2 * figures["requests_per_s"], rel=0.01)
 
 
+def test_oip_infer_goes_through_the_same_batcher(served: RunningServer) -> None:
+    before = computed_samples(served)
+    done = bench(
+        served,
+        "--rpc",
+        "oip-infer",
+        "--requests",
+        "30",
+        "--concurrency",
+        "3",
+        "--batch",
+        "2",
+        "--warmup",
+        "0",
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout)
+    assert set(figures) == KEYS
+    assert (figures["model"], figures["rpc"]) == ("linear", "oip-infer")
+    assert (figures["requests"], figures["ok"], figures["samples"]) == (30, 30, 60)
+    assert figures["errors"] == {}
+    # Every ModelInfer was computed by the model's batcher, two samples each.
+    assert computed_samples(served) - before == 60
+
+
 def test_human_figures_for_a_timed_run(served: RunningServer) -> None:
     done = bench(served, "--rpc", "predict", "--duration", "1", "--concurrency", "2")
     assert done.returncode == 0, done.stderr

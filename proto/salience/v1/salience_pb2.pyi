@@ -96,7 +96,7 @@ class Objective(_message.Message):
     def __init__(self, layer: _Optional[_Union[LayerRef, _Mapping]] = ..., filter_indices: _Optional[_Iterable[int]] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class Explanation(_message.Message):
-    __slots__ = ("method", "objectives", "grad_modifiers", "keepdims", "normalize", "keep_activation", "output_dtype", "backprop_modifier", "wrt", "seed", "input", "output", "penultimate_layer", "samples", "noise", "steps", "baseline")
+    __slots__ = ("method", "objectives", "grad_modifiers", "keepdims", "normalize", "keep_activation", "output_dtype", "backprop_modifier", "wrt", "seed", "input", "output", "penultimate_layer", "samples", "noise", "steps", "baseline", "randomization")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVES_FIELD_NUMBER: _ClassVar[int]
     GRAD_MODIFIERS_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,7 @@ class Explanation(_message.Message):
     NOISE_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     BASELINE_FIELD_NUMBER: _ClassVar[int]
+    RANDOMIZATION_FIELD_NUMBER: _ClassVar[int]
     method: str
     objectives: _containers.RepeatedCompositeFieldContainer[Objective]
     grad_modifiers: _containers.RepeatedScalarFieldContainer[str]
@@ -131,7 +132,16 @@ class Explanation(_message.Message):
     noise: float
     steps: int
     baseline: Tensor
-    def __init__(self, method: _Optional[str] = ..., objectives: _Optional[_Iterable[_Union[Objective, _Mapping]]] = ..., grad_modifiers: _Optional[_Iterable[str]] = ..., keepdims: _Optional[bool] = ..., normalize: _Optional[bool] = ..., keep_activation: _Optional[bool] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., backprop_modifier: _Optional[str] = ..., wrt: _Optional[_Union[LayerRef, _Mapping]] = ..., seed: _Optional[int] = ..., input: _Optional[str] = ..., output: _Optional[str] = ..., penultimate_layer: _Optional[_Union[LayerRef, _Mapping]] = ..., samples: _Optional[int] = ..., noise: _Optional[float] = ..., steps: _Optional[int] = ..., baseline: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    randomization: Randomization
+    def __init__(self, method: _Optional[str] = ..., objectives: _Optional[_Iterable[_Union[Objective, _Mapping]]] = ..., grad_modifiers: _Optional[_Iterable[str]] = ..., keepdims: _Optional[bool] = ..., normalize: _Optional[bool] = ..., keep_activation: _Optional[bool] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., backprop_modifier: _Optional[str] = ..., wrt: _Optional[_Union[LayerRef, _Mapping]] = ..., seed: _Optional[int] = ..., input: _Optional[str] = ..., output: _Optional[str] = ..., penultimate_layer: _Optional[_Union[LayerRef, _Mapping]] = ..., samples: _Optional[int] = ..., noise: _Optional[float] = ..., steps: _Optional[int] = ..., baseline: _Optional[_Union[Tensor, _Mapping]] = ..., randomization: _Optional[_Union[Randomization, _Mapping]] = ...) -> None: ...
+
+class Randomization(_message.Message):
+    __slots__ = ("layers", "seed")
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    layers: int
+    seed: int
+    def __init__(self, layers: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
     __slots__ = ("model", "inputs", "explanation")
@@ -168,7 +178,7 @@ class ResolvedObjective(_message.Message):
     def __init__(self, layer_name: _Optional[str] = ..., layer_index: _Optional[int] = ..., filter_indices: _Optional[_Iterable[int]] = ..., weight: _Optional[float] = ..., used_logits: _Optional[bool] = ..., reduction: _Optional[str] = ...) -> None: ...
 
 class ResolvedExplanation(_message.Message):
-    __slots__ = ("method", "objectives", "grad_modifiers", "keepdims", "normalize", "output_dtype", "input", "channels_reduced", "seed", "backprop_modifier", "wrt", "penultimate_layer", "samples", "noise", "steps", "output")
+    __slots__ = ("method", "objectives", "grad_modifiers", "keepdims", "normalize", "output_dtype", "input", "channels_reduced", "seed", "backprop_modifier", "wrt", "penultimate_layer", "samples", "noise", "steps", "output", "randomized_layers", "randomization_seed")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVES_FIELD_NUMBER: _ClassVar[int]
     GRAD_MODIFIERS_FIELD_NUMBER: _ClassVar[int]
@@ -185,6 +195,8 @@ class ResolvedExplanation(_message.Message):
     NOISE_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    RANDOMIZED_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    RANDOMIZATION_SEED_FIELD_NUMBER: _ClassVar[int]
     method: str
     objectives: _containers.RepeatedCompositeFieldContainer[ResolvedObjective]
     grad_modifiers: _containers.RepeatedScalarFieldContainer[str]
@@ -201,7 +213,9 @@ class ResolvedExplanation(_message.Message):
     noise: float
     steps: int
     output: str
-    def __init__(self, method: _Optional[str] = ..., objectives: _Optional[_Iterable[_Union[ResolvedObjective, _Mapping]]] = ..., grad_modifiers: _Optional[_Iterable[str]] = ..., keepdims: _Optional[bool] = ..., normalize: _Optional[bool] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., input: _Optional[str] = ..., channels_reduced: _Optional[bool] = ..., seed: _Optional[int] = ..., backprop_modifier: _Optional[str] = ..., wrt: _Optional[str] = ..., penultimate_layer: _Optional[str] = ..., samples: _Optional[int] = ..., noise: _Optional[float] = ..., steps: _Optional[int] = ..., output: _Optional[str] = ...) -> None: ...
+    randomized_layers: _containers.RepeatedScalarFieldContainer[str]
+    randomization_seed: int
+    def __init__(self, method: _Optional[str] = ..., objectives: _Optional[_Iterable[_Union[ResolvedObjective, _Mapping]]] = ..., grad_modifiers: _Optional[_Iterable[str]] = ..., keepdims: _Optional[bool] = ..., normalize: _Optional[bool] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., input: _Optional[str] = ..., channels_reduced: _Optional[bool] = ..., seed: _Optional[int] = ..., backprop_modifier: _Optional[str] = ..., wrt: _Optional[str] = ..., penultimate_layer: _Optional[str] = ..., samples: _Optional[int] = ..., noise: _Optional[float] = ..., steps: _Optional[int] = ..., output: _Optional[str] = ..., randomized_layers: _Optional[_Iterable[str]] = ..., randomization_seed: _Optional[int] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
     __slots__ = ("model", "outputs", "maps", "resolved", "completeness_residual", "score_difference", "labels")
@@ -220,6 +234,28 @@ class ExplainResponse(_message.Message):
     score_difference: Tensor
     labels: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., maps: _Optional[_Iterable[_Union[SaliencyMap, _Mapping]]] = ..., resolved: _Optional[_Union[ResolvedExplanation, _Mapping]] = ..., completeness_residual: _Optional[_Union[Tensor, _Mapping]] = ..., score_difference: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ExplainStreamRequest(_message.Message):
+    __slots__ = ("frame_id", "inputs", "model", "explanation", "window")
+    FRAME_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATION_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    frame_id: str
+    inputs: _containers.RepeatedCompositeFieldContainer[Tensor]
+    model: ModelSpec
+    explanation: Explanation
+    window: int
+    def __init__(self, frame_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., explanation: _Optional[_Union[Explanation, _Mapping]] = ..., window: _Optional[int] = ...) -> None: ...
+
+class ExplainStreamResponse(_message.Message):
+    __slots__ = ("frame_id", "result")
+    FRAME_ID_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    frame_id: str
+    result: ExplainResponse
+    def __init__(self, frame_id: _Optional[str] = ..., result: _Optional[_Union[ExplainResponse, _Mapping]] = ...) -> None: ...
 
 class GetModelMetadataRequest(_message.Message):
     __slots__ = ("model",)

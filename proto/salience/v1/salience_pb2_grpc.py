@@ -55,6 +55,11 @@ class SalienceStub:
                 request_serializer=salience_dot_v1_dot_salience__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=salience_dot_v1_dot_salience__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.ExplainStream = channel.stream_stream(
+                '/salience.v1.Salience/ExplainStream',
+                request_serializer=salience_dot_v1_dot_salience__pb2.ExplainStreamRequest.SerializeToString,
+                response_deserializer=salience_dot_v1_dot_salience__pb2.ExplainStreamResponse.FromString,
+                _registered_method=True)
 
 
 class SalienceServicer:
@@ -90,6 +95,26 @@ class SalienceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExplainStream(self, request_iterator, context):
+        """Explains a sequence of frames (a video, a drive log) over one stream: frames
+        go in as they are read, and each frame's answer comes back in frame order,
+        tagged with its id, equal to what Explain answers for the same inputs and
+        options. The server computes several frames at once, batched on the device
+        with every other request, and reads the next frame only while fewer than the
+        stream's window of samples are in flight: a client that sends faster than the
+        device computes is held back by gRPC flow control.
+
+        The first message names the model and the explanation options for the whole
+        stream; every answer comes from the model version the first message resolved.
+        A frame that fails (bad inputs, a full queue, the version no longer served)
+        ends the stream with that frame's status, whose message starts with
+        `frame_id='…'`: every frame before it has been answered, no frame after it is.
+        Cancelling the stream drops its frames that have not reached the device.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SalienceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +137,11 @@ def add_SalienceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=salience_dot_v1_dot_salience__pb2.ListModelsRequest.FromString,
                     response_serializer=salience_dot_v1_dot_salience__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'ExplainStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ExplainStream,
+                    request_deserializer=salience_dot_v1_dot_salience__pb2.ExplainStreamRequest.FromString,
+                    response_serializer=salience_dot_v1_dot_salience__pb2.ExplainStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +253,33 @@ class Salience:
             '/salience.v1.Salience/ListModels',
             salience_dot_v1_dot_salience__pb2.ListModelsRequest.SerializeToString,
             salience_dot_v1_dot_salience__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/salience.v1.Salience/ExplainStream',
+            salience_dot_v1_dot_salience__pb2.ExplainStreamRequest.SerializeToString,
+            salience_dot_v1_dot_salience__pb2.ExplainStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,6 +55,9 @@ class Graph:
     steps: int = 0
     # Method-specific static options that change the graph (hashable).
     extra: tuple[Any, ...] = ()
+    # (layers, seed) of a randomised copy of the model to explain instead (sanity
+    # check); None: the trained model. The runtime builds the function on that copy.
+    randomize: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,8 @@ class Limits:
     max_objectives: int = 16
     max_samples: int = 128
     max_steps: int = 512
+    # Per objective: each index is resolved and echoed one by one.
+    max_filter_indices: int = 4096
     # The caps above that a model's configuration lowered (messages name their owner).
     model_caps: frozenset[str] = frozenset()
 
@@ -94,6 +96,10 @@ class ExplainOptions:
     noise: float | None = None  # None: DEFAULT_NOISE
     steps: int = 0  # 0: DEFAULT_STEPS
     baseline: np.ndarray | None = None  # one sample or one per sample; None: zeros
+    # Sanity check: explain a copy whose top `randomize_layers` weighted layers are
+    # re-initialised with `randomize_seed` (0: the trained model).
+    randomize_layers: int = 0
+    randomize_seed: int = 0
     # The fields above the request left unset (their defaults were filled in), so a
     # model's configured defaults can take their place (model_config.ExplainDefaults).
     unset: frozenset[str] = frozenset()
@@ -131,6 +137,9 @@ class ResolvedExplanation:
     noise: float = 0.0
     steps: int = 0
     output_name: str = ""
+    # The re-initialised layers (output first) and their seed; () for the trained model.
+    randomized_layers: tuple[str, ...] = ()
+    randomization_seed: int = 0
 
 
 @dataclass
