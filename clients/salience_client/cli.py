@@ -144,8 +144,8 @@ def parse_count(text: str) -> int:
     return value
 
 
-def parse_noise(text: str) -> float:
-    """SmoothGrad's noise level: a finite fraction >= 0."""
+def parse_non_negative(text: str) -> float:
+    """A finite number >= 0 (SmoothGrad's noise level, review's jump threshold)."""
     try:
         value = float(text)
     except ValueError:
@@ -259,7 +259,7 @@ def explanation_parser() -> argparse.ArgumentParser:
     )
     options.add_argument(
         "--noise",
-        type=parse_noise,
+        type=parse_non_negative,
         metavar="S",
         help="SmoothGrad noise std as a fraction of each sample's range (0.15)",
     )

@@ -48,6 +48,7 @@ from salience_client.cli import (
     parse_alpha,
     parse_count,
     parse_layer,
+    parse_non_negative,
     parse_positive,
     parse_version,
 )
@@ -64,16 +65,6 @@ DEFAULT_JUMP = 0.25
 DEFAULT_FPS = 10.0
 THUMBNAIL_HEIGHT = 64
 REVIEW_EXTRA_HINT = "install it with: pip install 'salience[review]'"
-
-
-def parse_threshold(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is not allowed: use a finite value >= 0")
-    return value
 
 
 def parse_fps(text: str) -> float:
@@ -137,7 +128,7 @@ def add_parser(commands: Any, parents: Sequence[argparse.ArgumentParser]) -> Non
     )
     review.add_argument(
         "--jump-threshold",
-        type=parse_threshold,
+        type=parse_non_negative,
         default=DEFAULT_JUMP,
         metavar="D",
         help=f"flag frames whose value moved by more than D from the previous one "

@@ -22,12 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import signal
-import subprocess
-import sys
-import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,15 +39,13 @@ from salience.v1 import salience_pb2_grpc
 from salience_client import tensors
 from salience_client.client import explanation_request, predict_request
 from tests.conftest import save_model
+from tests.processes import ServerProcess, salience_serve
 
 SOAK_SECONDS_ENV = "SALIENCE_SOAK_SECONDS"
 DEFAULT_SOAK_SECONDS = 600.0
 CALLERS = 8
 IMAGE = (8, 8, 3)
 VECTOR = (10,)
-START_TIMEOUT_S = 240.0
-SERVING_LINE = re.compile(r"serving .* on 127\.0\.0\.1:(\d+)")
-METRICS_LINE = re.compile(r"metrics on (\d+)")
 MIB = 1024 * 1024
 
 
@@ -101,78 +94,24 @@ def build_repository(root: Path) -> Mlp:
 # The server ---------------------------------------------------------------------------
 
 
-@dataclass
-class Server:
-    process: subprocess.Popen[str]
-    target: str
-    metrics_port: int
-    log: list[str]
-
-    def rss_bytes(self) -> int:
-        """The server process's resident set size, from /proc/<pid>/status."""
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        found = re.search(r"^VmRSS:\s+(\d+) kB$", status, re.MULTILINE)
-        assert found is not None, status
-        return int(found.group(1)) * 1024
-
-    def requests_total(self) -> Counter[str]:
-        """salience_requests_total by code, from /metrics."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        text = urllib.request.urlopen(url, timeout=30).read().decode()
-        counts: Counter[str] = Counter()
-        for labels, value in re.findall(
-            r"^salience_requests_total\{([^}]*)\} (\S+)$", text, re.MULTILINE
-        ):
-            code = re.search(r'code="([A-Z_]+)"', labels)
-            assert code is not None
-            counts[code.group(1)] += int(float(value))
-        return counts
+def requests_total(server: ServerProcess) -> Counter[str]:
+    """salience_requests_total by code, from /metrics."""
+    counts: Counter[str] = Counter()
+    for labels, value in re.findall(
+        r"^salience_requests_total\{([^}]*)\} (\S+)$", server.metrics(), re.MULTILINE
+    ):
+        code = re.search(r'code="([A-Z_]+)"', labels)
+        assert code is not None
+        counts[code.group(1)] += int(float(value))
+    return counts
 
 
 @contextmanager
-def serve(repo: Path) -> Iterator[Server]:
+def serve(repo: Path) -> Iterator[ServerProcess]:
     """`salience serve` as a child process on free ports, until SIGTERM."""
-    command = [
-        sys.executable, "-m", "salience_client.cli", "serve",
-        "--model-repository", str(repo), "--host", "127.0.0.1", "--port", "0",
-        "--metrics-port", "0", "--repository-poll-seconds", "0", "--max-batch-size", "8",
-        "--max-device-batch-size", "8",
-    ]  # fmt: skip
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    process = subprocess.Popen(
-        command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env
-    )
-    log: list[str] = []
-    stream = process.stderr
-    assert stream is not None
-
-    def read() -> None:
-        # Drained all along: a full pipe would block the server's logging.
-        for line in stream:
-            log.append(line)
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        end = time.monotonic() + START_TIMEOUT_S
-        port = metrics_port = None
-        while port is None:
-            assert process.poll() is None, "salience serve exited:\n" + "".join(log)
-            assert time.monotonic() < end, "salience serve did not start:\n" + "".join(log)
-            time.sleep(0.1)
-            for line in list(log):
-                if found := METRICS_LINE.search(line):
-                    metrics_port = int(found.group(1))
-                if found := SERVING_LINE.search(line):
-                    port = int(found.group(1))
-        assert metrics_port is not None
-        yield Server(process, f"127.0.0.1:{port}", metrics_port, log)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(120)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(60)
+    flags = ["--max-batch-size", "8", "--max-device-batch-size", "8"]
+    with salience_serve(repo, flags) as server:
+        yield server
 
 
 # The load -----------------------------------------------------------------------------
@@ -288,7 +227,7 @@ def soak(repo: Path, mlp: Mlp, seconds: float) -> Figures:
             figures.rss.append((time.monotonic() - start, server.rss_bytes()))
 
         asyncio.run(run())
-        figures.served = server.requests_total()
+        figures.served = requests_total(server)
     return figures
 
 

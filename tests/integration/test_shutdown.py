@@ -23,14 +23,9 @@ ends.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
-import subprocess
-import sys
-import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,37 +43,24 @@ from salience_client import tensors
 from salience_client.client import explanation_request, explanation_result, predict_request
 from tests.conftest import save_model
 from tests.integration.faults import Gate, entered
+from tests.processes import ServerProcess, salience_serve
 
-ROOT = Path(__file__).resolve().parents[2]
 SHAPE = (6,)
 UNITS = 3
 CALLERS = 16
 GRACE_S = 30.0
 SHORT_GRACE_S = 2.0
-START_TIMEOUT_S = 240.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-SERVING_LINE = re.compile(r"serving .* on 127\.0\.0\.1:(\d+)")
-METRICS_LINE = re.compile(r"metrics on (\d+)")
 REFUSED = "model 'gated' is shutting down: retry on another server"
 
 
-@dataclass
-class Served:
-    process: subprocess.Popen[str]
-    target: str
-    metrics_port: int
-    log: list[str]
-
-    def in_flight(self) -> float:
-        """salience_requests_in_flight summed over the RPCs, from /metrics."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        text = urllib.request.urlopen(url, timeout=30).read().decode()
-        found = re.findall(r"^salience_requests_in_flight\{[^}]*\} (\S+)$", text, re.MULTILINE)
-        return sum(float(value) for value in found)
-
-    def text(self) -> str:
-        return "".join(self.log)
+def in_flight(served: ServerProcess) -> float:
+    """salience_requests_in_flight summed over the RPCs, from /metrics."""
+    found = re.findall(
+        r"^salience_requests_in_flight\{[^}]*\} (\S+)$", served.metrics(), re.MULTILINE
+    )
+    return sum(float(value) for value in found)
 
 
 @dataclass
@@ -115,48 +97,15 @@ def repo(
 
 
 @contextmanager
-def serve(repo: Path, grace: float) -> Iterator[Served]:
-    """`salience serve` as a child process on free ports; yields once it is SERVING."""
-    command = [
-        sys.executable, "-m", "salience_client.cli", "serve",
-        "--model-repository", str(repo), "--host", "127.0.0.1", "--port", "0",
-        "--metrics-port", "0", "--shutdown-grace-seconds", str(grace),
-        "--repository-poll-seconds", "0", "--max-device-batch-size", "4",
-        "--plugins", "tests.integration.faults",
-    ]  # fmt: skip
-    # The plugin module is the test package's: the child imports it from the checkout.
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    process = subprocess.Popen(
-        command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=ROOT
-    )
-    log: list[str] = []
-    stream = process.stderr
-    assert stream is not None
-
-    def read() -> None:
-        for line in stream:
-            log.append(line)
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        end = time.monotonic() + START_TIMEOUT_S
-        port = metrics_port = None
-        while port is None:
-            assert process.poll() is None, "salience serve exited:\n" + "".join(log)
-            assert time.monotonic() < end, "salience serve did not start:\n" + "".join(log)
-            time.sleep(0.1)
-            for line in list(log):
-                if found := METRICS_LINE.search(line):
-                    metrics_port = int(found.group(1))
-                if found := SERVING_LINE.search(line):
-                    port = int(found.group(1))
-        assert metrics_port is not None
-        yield Served(process, f"127.0.0.1:{port}", metrics_port, log)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(60)
+def serve(repo: Path, grace: float) -> Iterator[ServerProcess]:
+    """`salience serve` as a child process on free ports; yields once it is SERVING.
+    The tests send SIGTERM themselves; one still running at the end is killed.
+    """
+    flags = ["--shutdown-grace-seconds", str(grace), "--max-device-batch-size", "4"]
+    with salience_serve(
+        repo, [*flags, "--plugins", "tests.integration.faults"], stop="kill"
+    ) as served:
+        yield served
 
 
 # Calls -------------------------------------------------------------------------------
@@ -218,7 +167,7 @@ async def until(condition: Any, what: str, seconds: float = 120.0) -> None:
 
 
 async def load_in_flight(
-    served: Served, files: Files, stub: Any
+    served: ServerProcess, files: Files, stub: Any
 ) -> tuple[list[tuple[str, np.ndarray]], list[asyncio.Task[Outcome]]]:
     """Holds the device and sends one request per caller; returns once every one is
     in flight in the server (one device call held, the others queued)."""
@@ -230,7 +179,7 @@ async def load_in_flight(
     files.hold.touch()
     passes = len(entered(files.log))
     calls = [asyncio.create_task(send(stub, rpc, x)) for rpc, x in requests]
-    await until(lambda: served.in_flight() == CALLERS, f"{CALLERS} calls in flight")
+    await until(lambda: in_flight(served) == CALLERS, f"{CALLERS} calls in flight")
     await until(lambda: len(entered(files.log)) == passes + 1, "the held device call")
     assert not any(c.done() for c in calls)
     return requests, calls
