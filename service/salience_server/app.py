@@ -157,6 +157,9 @@ class SalienceServer:
             ("grpc.max_receive_message_length", limit),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
+            # One connection cannot hold an unbounded number of calls (and their
+            # streams' windows of frames); other connections are not affected.
+            ("grpc.max_concurrent_streams", self.settings.max_concurrent_streams),
         ]
         if self.settings.max_connection_age_seconds > 0:
             options += [

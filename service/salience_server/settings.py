@@ -136,6 +136,15 @@ class Settings:
             "server's name again and spread over new replicas; 0 never closes them"
         ),
     )
+    # As many as the default queue holds: more calls than that from one client
+    # could only be refused.
+    max_concurrent_streams: int = field(
+        default=256,
+        metadata=_doc(
+            "Calls (unary or streams) one client connection may have open at once "
+            "(HTTP/2 MAX_CONCURRENT_STREAMS); a client's further calls wait for one to end"
+        ),
+    )
     max_message_bytes: int = field(
         default=64 * MIB,
         metadata=_doc(
@@ -307,6 +316,7 @@ class Settings:
                 f"max_message_bytes={self.max_message_bytes} is too small: use at least {4 * MIB}"
             )
         for name in (
+            "max_concurrent_streams",
             "max_batch_size",
             "max_objectives",
             "max_filter_indices",

@@ -434,3 +434,41 @@ def test_cancelling_mid_stream_frees_the_server(server: RunningServer) -> None:
         )
         == cancelled + 1
     )
+
+
+def test_one_connection_holds_at_most_max_concurrent_streams(repo: Path) -> None:
+    x = frames(1, seed=9)
+    first = pb.ExplainStreamRequest(
+        frame_id="0", inputs=[tensors.encode(x)], model=pb.ModelSpec(name="smooth")
+    )
+    release = threading.Event()
+
+    def open_frames() -> Iterator[pb.ExplainStreamRequest]:
+        yield first
+        release.wait(60)  # the stream stays open until released
+
+    predict = pb.PredictRequest(model=pb.ModelSpec(name="smooth"), inputs=[tensors.encode(x)])
+    with (
+        running_server(repo, max_concurrent_streams=2) as limited,
+        grpc.insecure_channel(limited.target) as channel,
+    ):
+        stub = salience_pb2_grpc.SalienceStub(channel)
+        streams = [stub.ExplainStream(open_frames(), timeout=60) for _ in range(2)]
+        try:
+            # Both streams are open: each has answered its first frame.
+            assert [next(call).frame_id for call in streams] == ["0", "0"]
+            # A third call on the same connection gets no stream until one ends.
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Predict(predict, timeout=2)
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # Another connection is not held back by this one's limit.
+            with limited.client() as other:
+                expected = other.predict("smooth", x).predictions
+        finally:
+            release.set()
+        for call in streams:
+            assert list(call) == []  # the rest of each stream: nothing more, then OK
+            assert call.code() == grpc.StatusCode.OK
+        # With the streams ended, the connection takes calls again.
+        answer = stub.Predict(predict, timeout=30)
+        np.testing.assert_allclose(tensors.decode(answer.outputs[0]), expected, rtol=1e-6)
