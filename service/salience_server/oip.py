@@ -146,6 +146,12 @@ def _as_parameter(match: re.Match[str]) -> str:
 def _rename(message: str, name_field: str, version_field: str) -> str:
     message = re.sub(r"\bmodel\.name\b", name_field, message)
     message = re.sub(r"\bmodel\.version\b", version_field, message)
+    # explanation.randomization.layers / .seed are the parameters randomize_layers / _seed.
+    message = re.sub(
+        r"\bexplanation\.randomization\.(layers|seed)\b",
+        lambda m: f"parameters['randomize_{m.group(1)}']",
+        message,
+    )
     message = message.replace("(or 0 for the highest)", "(or '' for the highest)")
     for pattern in _EXPLANATION_RENAMES:
         message = pattern.sub(_as_parameter, message)
@@ -527,6 +533,10 @@ PARAMETERS: dict[str, Setter] = {
     "normalize": lambda n, p, e: setattr(e, "normalize", _bool(n, p)),
     "keep_activation": lambda n, p, e: setattr(e, "keep_activation", _bool(n, p)),
     "output_dtype": _set_output_dtype,
+    # The audit's sanity check: explain a copy with the top k weighted layers
+    # re-initialised (Explanation.randomization).
+    "randomize_layers": lambda n, p, e: setattr(e.randomization, "layers", _count(n, p)),
+    "randomize_seed": lambda n, p, e: setattr(e.randomization, "seed", _seed(n, p)),
 }
 # Not an Explanation field as such: it chooses the map of the `saliency` output.
 GRAD_MODIFIERS_PARAMETER = "grad_modifiers"

@@ -554,7 +554,8 @@ BAD = [
         "parameters['temperature'] is not a parameter salience knows: use one of "
         "'backprop_modifier', 'filter_indices', 'grad_modifiers', 'input', 'keep_activation', "
         "'keepdims', 'layer', 'method', 'noise', 'normalize', 'output', 'output_dtype', "
-        "'penultimate_layer', 'samples', 'seed', 'steps', 'wrt'",
+        "'penultimate_layer', 'randomize_layers', 'randomize_seed', 'samples', 'seed', "
+        "'steps', 'wrt'",
     ),
     (
         "parameter of the wrong kind",
@@ -760,3 +761,28 @@ def test_loading_and_failed_models_are_not_ready_and_refuse_inference(
         assert (ready("softmax"), ready("smooth")) == (True, False)
         probs = raw_outputs(stub.ModelInfer(raw_request("softmax", {"x": x}), timeout=30))
         np.testing.assert_allclose(probs["probs"].sum(axis=-1), [1.0], rtol=1e-5)
+
+
+def test_randomization_parameters_explain_the_randomised_copy(
+    served: RunningServer, stub: Any
+) -> None:
+    x = x_linear(2, seed=6)
+    request = raw_request(
+        "linear", {"x": x}, ("saliency",), randomize_layers=1, randomize_seed=5, normalize=False
+    )
+    got = raw_outputs(stub.ModelInfer(request, timeout=60))["saliency"]
+    with served.client() as client:
+        randomised = client.explain(
+            "linear", x, randomize_layers=1, randomize_seed=5, normalize=False
+        )
+        trained = client.explain("linear", x, normalize=False)
+    np.testing.assert_allclose(got, randomised.maps["absolute"], rtol=1e-6, atol=1e-7)
+    assert not np.allclose(got, trained.maps["absolute"], atol=1e-3)
+    # Too deep a randomisation is refused in this protocol's words.
+    request = raw_request("linear", {"x": x}, ("saliency",), randomize_layers=2)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(request, timeout=60)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (caught.value.details() or "").startswith(
+        "parameters['randomize_layers']=2 is over the 1 weighted layers of model 'linear'"
+    )
