@@ -23,6 +23,7 @@ from os import PathLike
 from pathlib import Path
 from string import Template
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -341,10 +342,21 @@ def _json_for_script(value: Any) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def render_report(info: ReportInfo, frames: Sequence[ReportFrame]) -> str:
+def render_report(
+    info: ReportInfo, frames: Sequence[ReportFrame], *, link_strips: bool = False
+) -> str:
     """The report as one HTML document (see `write_report`)."""
     if not frames:
         raise ValueError("a report needs at least one frame")
+    if link_strips and not all(f.file for f in frames):
+        raise ValueError("linked strips need each frame's file")
+
+    def strip(frame: ReportFrame) -> str:
+        # A relative URL of the PNG beside the report, or the PNG itself.
+        if link_strips:
+            return quote(Path(frame.file).as_posix())
+        return data_uri(frame.strip_png, "image/png")
+
     jumps = [f for f in frames if f.jump]
     data = {
         "model": info.model,
@@ -361,7 +373,7 @@ def render_report(info: ReportInfo, frames: Sequence[ReportFrame]) -> str:
                 "jump": f.jump,
                 "file": f.file,
                 "time": f.time,
-                "strip": data_uri(f.strip_png, "image/png"),
+                "strip": strip(f),
             }
             for k, f in enumerate(frames)
         ],
@@ -382,18 +394,26 @@ def render_report(info: ReportInfo, frames: Sequence[ReportFrame]) -> str:
         timeline=timeline_svg(frames, info),
         thumbnails=_thumbnails(frames),
         first_id=html.escape(first.frame_id),
-        first_strip=data_uri(first.strip_png, "image/png"),
+        first_strip=html.escape(strip(first)),
         data=_json_for_script(data),
     )
 
 
 def write_report(
-    path: str | PathLike[str], info: ReportInfo, frames: Sequence[ReportFrame]
+    path: str | PathLike[str],
+    info: ReportInfo,
+    frames: Sequence[ReportFrame],
+    *,
+    link_strips: bool = False,
 ) -> Path:
-    """Writes the self-contained HTML report: a timeline of the predicted value
-    (inline SVG) with jumps flagged, a thumbnail strip, and the selected frame's maps
-    large (click a thumbnail or a dot; ← → step through frames, J to the next jump).
+    """Writes the HTML report: a timeline of the predicted value (inline SVG) with
+    jumps flagged, a thumbnail strip, and the selected frame's maps large (click a
+    thumbnail or a dot; ← → step through frames, J to the next jump).
+
+    Self-contained by default: every image is embedded. With `link_strips` the large
+    strips are each frame's `file` (relative to the report) instead, so the report of
+    a long clip stays small, and works as long as it stays beside those files.
     """
     target = Path(path)
-    target.write_text(render_report(info, frames), encoding="utf-8")
+    target.write_text(render_report(info, frames, link_strips=link_strips), encoding="utf-8")
     return target

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin
 
 import pytest
 
@@ -39,16 +40,21 @@ CLI = [str(ENTRY_POINT)] if ENTRY_POINT.exists() else [sys.executable, "-m", "sa
 WAIT_S = 20
 
 
-@pytest.fixture(scope="module")
-def reviewed(tmp_path_factory: pytest.TempPathFactory, server_factory: Any) -> Path:
-    """The report of a review of the demo clip, made by the command line."""
+@pytest.fixture(scope="module", params=["embedded", "linked"])
+def reviewed(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, server_factory: Any
+) -> Path:
+    """The report of a review of the demo clip, made by the command line: with its
+    strips embedded (the default), and linking the PNGs instead (--link-strips).
+    """
     served: RunningServer = server_factory(None)
     root = tmp_path_factory.mktemp("chromium-review")
     images, _ = driving_clip()
     write_frames(root / "frames", images)
+    link = ["--link-strips"] if request.param == "linked" else []
     done = subprocess.run(
         [*CLI, "review", "--target", served.target, "--model", "steering",
-         str(root / "frames"), "--out", str(root / "out"), "--scale", "1"],
+         str(root / "frames"), "--out", str(root / "out"), "--scale", "1", *link],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -77,6 +83,13 @@ def browser() -> Iterator[Any]:
         yield driver
     finally:
         driver.quit()
+
+
+def src(report: Path, strip: str) -> str:
+    """The URL the browser gives an image whose src is `strip` (an embedded PNG, or a
+    file relative to the report).
+    """
+    return strip if strip.startswith("data:") else urljoin(report.as_uri(), strip)
 
 
 def wait_for(driver: Any, script: str) -> Any:
@@ -129,13 +142,13 @@ def test_the_report_renders_loads_its_images_and_shows_a_clicked_frame(
 
     large = browser.find_element(By.ID, "large")
     assert large.get_attribute("title") == frames[0]["id"]
-    assert large.get_attribute("src") == frames[0]["strip"]
+    assert large.get_attribute("src") == src(reviewed, frames[0]["strip"])
 
     # Clicking a thumbnail shows that frame large, with its id and its value.
     k = SWERVES[0]
     browser.execute_script("arguments[0].scrollIntoView()", thumbs[k])
     thumbs[k].click()
-    assert large.get_attribute("src") == frames[k]["strip"]
+    assert large.get_attribute("src") == src(reviewed, frames[k]["strip"])
     assert large.get_attribute("title") == frames[k]["id"]
     assert browser.find_element(By.ID, "detail-title").text == frames[k]["id"]
     detail = browser.find_element(By.ID, "detail-text").text
@@ -153,4 +166,4 @@ def test_the_report_renders_loads_its_images_and_shows_a_clicked_frame(
     assert large.get_attribute("title") == frames[3]["id"]
     browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_RIGHT)
     assert large.get_attribute("title") == frames[4]["id"]
-    assert large.get_attribute("src") == frames[4]["strip"]
+    assert large.get_attribute("src") == src(reviewed, frames[4]["strip"])

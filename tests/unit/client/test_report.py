@@ -6,6 +6,7 @@ places each frame where its value says.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -165,3 +166,21 @@ print("ok")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_linked_strips_name_their_files_instead_of_embedding_them(tmp_path: Path) -> None:
+    frames = [frame(0, 0.1), frame(1, -0.4, name="a b"), frame(2, 0.2)]
+    frames[1] = dataclasses.replace(frames[1], file="frames/a b.png")
+    embedded = report.write_report(tmp_path / "e.html", INFO, frames)
+    linked = report.write_report(tmp_path / "l.html", INFO, frames, link_strips=True)
+    strips = [f["strip"] for f in report_data(linked)["frames"]]
+    # Relative URLs of the files, escaped as URLs; no strip is embedded.
+    assert strips == ["f0.png", "frames/a%20b.png", "f2.png"]
+    assert 'id="large" src="f0.png"' in linked.read_text()
+    assert "data:image/png" not in linked.read_text()
+    assert linked.stat().st_size < embedded.stat().st_size
+    # The thumbnails stay embedded: the timeline works without the files.
+    assert linked.read_text().count("data:image/jpeg") == 3
+    nameless = [frame(0, 0.1), dataclasses.replace(frame(1, 0.2), file="")]
+    with pytest.raises(ValueError, match="linked strips need each frame's file"):
+        report.render_report(INFO, nameless, link_strips=True)
