@@ -136,10 +136,10 @@ class Settings:
             "server's name again and spread over new replicas; 0 never closes them"
         ),
     )
-    # As many as the default queue holds: more calls than that from one client
-    # could only be refused.
+    # Bounds what one connection can hold open (each call's buffers, each stream's
+    # window), well above what one batching client keeps in flight.
     max_concurrent_streams: int = field(
-        default=256,
+        default=1024,
         metadata=_doc(
             "Calls (unary or streams) one client connection may have open at once "
             "(HTTP/2 MAX_CONCURRENT_STREAMS); a client's further calls wait for one to end"
