@@ -219,7 +219,9 @@ class InferenceCore:
             # A full queue refuses before any work is spent on the request.
             batcher.admit(self._claimed(runtime, arrays), deadline)
             inputs = await self._on_host(
-                lambda: runtime.check_inputs(arrays, self.settings.max_batch_size)
+                lambda: runtime.check_inputs(
+                    arrays, self.settings.max_batch_size, self.settings.max_free_axis_size
+                )
             )
             return runtime, await batcher.predict(inputs, deadline)
 
@@ -239,7 +241,9 @@ class InferenceCore:
             batcher.admit(self._claimed(runtime, arrays), deadline)
 
             def prepare() -> tuple[list[np.ndarray], Plan]:
-                inputs = runtime.check_inputs(arrays, self.settings.max_batch_size)
+                inputs = runtime.check_inputs(
+                    arrays, self.settings.max_batch_size, self.settings.max_free_axis_size
+                )
                 return inputs, runtime.plan(options, len(inputs[0]))
 
             inputs, plan = await self._on_host(prepare)

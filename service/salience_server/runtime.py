@@ -302,11 +302,14 @@ class ModelRuntime:
 
     # Inputs -----------------------------------------------------------------
 
-    def check_inputs(self, arrays: dict[str, np.ndarray], max_batch: int) -> list[np.ndarray]:
+    def check_inputs(
+        self, arrays: dict[str, np.ndarray], max_batch: int, max_free_axis: int | None = None
+    ) -> list[np.ndarray]:
         """Orders request inputs by the model's inputs and checks each against its spec.
 
         Keys are input names; a single unnamed ("") input is accepted for a model
-        with one input. Raises InvalidArgument naming the field and what is allowed.
+        with one input; an axis the model leaves free may be at most `max_free_axis`
+        long. Raises InvalidArgument naming the field and what is allowed.
         """
         capped = self.config.limits.batch_size(max_batch)
         whose = "the model's" if capped < max_batch else "the server's"
@@ -346,6 +349,13 @@ class ModelRuntime:
                     raise InvalidArgument(
                         f"{field}.shape[{axis + 1}]={got} does not match: input {info.name!r} "
                         f"takes shape {expected}"
+                    )
+                # A free axis bounds the work only by the message size otherwise.
+                if want is None and max_free_axis is not None and got > max_free_axis:
+                    raise InvalidArgument(
+                        f"{field}.shape[{axis + 1}]={got} is over the server's "
+                        f"max_free_axis_size={max_free_axis}: input {info.name!r} takes shape "
+                        f"{expected} with at most {max_free_axis} along each free axis"
                     )
                 # A free axis of size 0 passes the spec, but no layer computes on it.
                 if got == 0:

@@ -155,6 +155,14 @@ class Settings:
     max_batch_size: int = field(
         default=64, metadata=_doc("Largest batch (first axis) one request may carry")
     )
+    max_free_axis_size: int = field(
+        default=4096,
+        metadata=_doc(
+            "Largest size a request may give an input axis the model leaves free (such "
+            "as the height and width of a fully convolutional model); the batch axis is "
+            "max_batch_size's"
+        ),
+    )
     max_objectives: int = field(
         default=16, metadata=_doc("Most objectives one explanation may sum")
     )
@@ -317,6 +325,7 @@ class Settings:
             )
         for name in (
             "max_concurrent_streams",
+            "max_free_axis_size",
             "max_batch_size",
             "max_objectives",
             "max_filter_indices",

@@ -35,6 +35,7 @@ MAX_BATCH = 8
 MAX_MESSAGE = 4 * 1024 * 1024
 MAX_OBJECTIVES = 3
 MAX_FILTER_INDICES = 16
+MAX_FREE_AXIS = 64
 LONG = 100_000  # characters of an over-long name
 NAME_PATTERN = "[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -54,6 +55,7 @@ def channel(repo: Path, server_factory: Any) -> grpc.Channel:
         max_message_bytes=MAX_MESSAGE,
         max_objectives=MAX_OBJECTIVES,
         max_filter_indices=MAX_FILTER_INDICES,
+        max_free_axis_size=MAX_FREE_AXIS,
     )
     return grpc.insecure_channel(
         running.target, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
@@ -593,6 +595,17 @@ CASES: list[Case] = [
         lambda: predict(tensor([1, 0, 4, 3]), model="valid"),
         INVALID,
         ["inputs['image'].shape[1]=0 is empty", "['N', 'any', 'any', 3]"],
+    ),
+    (
+        "free axis over the limit",
+        "Explain",
+        lambda: explain(model="valid", x=np.zeros((1, 8, MAX_FREE_AXIS + 1, 3), np.float32)),
+        INVALID,
+        [
+            f"inputs['image'].shape[2]={MAX_FREE_AXIS + 1} is over the server's "
+            f"max_free_axis_size={MAX_FREE_AXIS}",
+            f"at most {MAX_FREE_AXIS} along each free axis",
+        ],
     ),
     (
         "free axes too small for the layers",
