@@ -41,6 +41,35 @@ class RunningServer:
         """Runs a coroutine on the server's loop (to reach its internals) and waits."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    def batchers(self, model: str | None = None) -> list[Any]:
+        """The batchers the server made so far (of one model's versions, if named)."""
+
+        async def get() -> list[Any]:
+            items = self.server.core.batchers.items()
+            return [b for (name, _), b in items if model is None or name == model]
+
+        result: list[Any] = self.call(get())
+        return result
+
+    def queued(self, model: str | None = None) -> int:
+        """Samples waiting in the batchers' queues (of one model, if named)."""
+
+        async def count() -> int:
+            items = self.server.core.batchers.items()
+            return sum(b.queued for (name, _), b in items if model is None or name == model)
+
+        result: int = self.call(count())
+        return result
+
+    def flush(self) -> None:
+        """Sends what every batcher holds to the device now."""
+
+        async def go() -> None:
+            for b in self.server.core.batchers.values():
+                b.flush()
+
+        self.call(go())
+
 
 @contextmanager
 def running_server(

@@ -257,11 +257,6 @@ def batcher(running: RunningServer, model: str) -> Any:
     return running.call(get())
 
 
-def queued(running: RunningServer, model: str) -> int:
-    found = batcher(running, model)
-    return 0 if found is None else int(found.queued)
-
-
 def send_round(stub: Any, repeats: int, rng: np.random.Generator) -> Round:
     """Predictions and four explanation methods on `linear`, callers' mistakes, and an
     unknown model; every call is answered before the next is sent (one device call each).
@@ -315,7 +310,7 @@ def overflow_held(
     `while_full`, then flushes the queue and collects the two answers."""
     x = np.ones((2, *SHAPE), np.float32)
     waiting = [stub.Predict.future(predict_request("held", x), timeout=120) for _ in range(2)]
-    wait_for("held's queue to fill", lambda: queued(running, "held") == HELD_CAPACITY)
+    wait_for("held's queue to fill", lambda: running.queued("held") == HELD_CAPACITY)
     with pytest.raises(grpc.RpcError) as refused:
         stub.Predict(predict_request("held", x[:1]), timeout=30)
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

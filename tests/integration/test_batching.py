@@ -142,36 +142,12 @@ def assert_alone(case: Case, response: Any, runtimes: dict[str, Any]) -> None:
 # Reaching the server's batchers --------------------------------------------------------
 
 
-def batchers(running: RunningServer) -> list[Any]:
-    async def get() -> list[Any]:
-        return list(running.server.core.batchers.values())
-
-    result: list[Any] = running.call(get())
-    return result
-
-
-def queued(running: RunningServer) -> int:
-    async def count() -> int:
-        return sum(b.queued for b in running.server.core.batchers.values())
-
-    result: int = running.call(count())
-    return result
-
-
-def flush(running: RunningServer) -> None:
-    async def go() -> None:
-        for b in running.server.core.batchers.values():
-            b.flush()
-
-    running.call(go())
-
-
 async def until_queued(running: RunningServer, rows: int) -> None:
     for _ in range(3000):
-        if await asyncio.to_thread(queued, running) == rows:
+        if await asyncio.to_thread(running.queued) == rows:
             return
         await asyncio.sleep(0.01)
-    raise AssertionError(f"{queued(running)} samples queued, expected {rows}")
+    raise AssertionError(f"{running.queued()} samples queued, expected {rows}")
 
 
 def metric(running: RunningServer, name: str, **labels: str) -> float:
@@ -219,11 +195,11 @@ def test_500_mixed_requests_each_get_their_own_result_and_cancelled_ones_never_c
             s = stub(channel)
             calls = [getattr(s, c.rpc)(c.request, timeout=300) for c in cases]
             await until_queued(held, all_rows)  # every request waits: nothing computed yet
-            assert sum(b.stats.samples for b in await asyncio.to_thread(batchers, held)) == 0
+            assert sum(b.stats.samples for b in await asyncio.to_thread(held.batchers)) == 0
             for k in cancel:
                 calls[k].cancel()
             await until_queued(held, all_rows - cancelled_rows)
-            await asyncio.to_thread(flush, held)
+            await asyncio.to_thread(held.flush)
             return await asyncio.gather(*calls, return_exceptions=True)
 
     answers = asyncio.run(scenario())
@@ -234,12 +210,12 @@ def test_500_mixed_requests_each_get_their_own_result_and_cancelled_ones_never_c
         else:
             assert not isinstance(answer, BaseException), (k, answer)
             assert_alone(case, answer, runtimes)
-    computed = sum(b.stats.samples for b in batchers(held))
+    computed = sum(b.stats.samples for b in held.batchers())
     assert computed == all_rows - cancelled_rows
     assert total(held, "salience_requests_refused_total", reason="cancelled") == len(cancel)
     # Merged: under a quarter as many device calls as requests (a request cut between two calls
     # counts in both).
-    pieces = sum(b.stats.pieces for b in batchers(held))
+    pieces = sum(b.stats.pieces for b in held.batchers())
     assert total(held, "salience_batch_requests_sum") == pieces >= len(cases) - len(cancel)
     assert total(held, "salience_batch_requests_count") < (len(cases) - len(cancel)) / 4
 
@@ -263,7 +239,7 @@ def test_concurrent_requests_are_merged_and_split_across_device_calls(
         answers = asyncio.run(scenario())
         for case, answer in zip(cases, answers, strict=True):
             assert_alone(case, answer, runtimes)
-        stats = batchers(running)
+        stats = running.batchers()
         assert sum(b.stats.samples for b in stats) == sum(c.rows for c in cases)
         assert max(b.stats.max_requests_per_call for b in stats) > 1
         # Batches formed: more samples than device calls.
@@ -289,7 +265,7 @@ def test_with_batching_off_every_device_call_has_one_request(
         answers = asyncio.run(scenario())
         for case, answer in zip(cases, answers, strict=True):
             assert_alone(case, answer, runtimes)
-        assert max(b.stats.max_requests_per_call for b in batchers(running)) == 1
+        assert max(b.stats.max_requests_per_call for b in running.batchers()) == 1
         assert total(running, "salience_batch_requests_count") == len(cases)
         assert total(running, "salience_batch_requests_sum") == len(cases)
 
@@ -333,8 +309,8 @@ def test_a_full_queue_refuses_at_once_with_resource_exhausted(
                 )
                 # Refused without waiting for the queue: both are still queued.
                 assert not any(w.done() for w in waiting)
-                assert await asyncio.to_thread(queued, running) == 4
-                await asyncio.to_thread(flush, running)
+                assert await asyncio.to_thread(running.queued) == 4
+                await asyncio.to_thread(running.flush)
                 return await asyncio.gather(*waiting)
 
         answers = asyncio.run(scenario())
@@ -363,17 +339,17 @@ def test_expired_requests_are_shed_before_the_device(repo: Path) -> None:
         assert [a.code() for a in answers] == [grpc.StatusCode.DEADLINE_EXCEEDED] * 3
         # The server dropped them from the queue at their deadline ...
         for _ in range(1000):
-            if queued(running) == 0:
+            if running.queued() == 0:
                 break
             time.sleep(0.01)
-        assert queued(running) == 0
-        flush(running)
+        assert running.queued() == 0
+        running.flush()
         shed = metric(
             running, "salience_requests_refused_total", model="linear", reason="deadline_exceeded"
         ) + metric(running, "salience_requests_refused_total", model="linear", reason="cancelled")
         assert shed == 3
         # ... and never computed them; the model still serves.
-        assert sum(b.stats.samples for b in batchers(running)) == 0
+        assert sum(b.stats.samples for b in running.batchers()) == 0
 
         async def later() -> Any:
             async with aio.insecure_channel(running.target) as channel:
@@ -381,8 +357,8 @@ def test_expired_requests_are_shed_before_the_device(repo: Path) -> None:
                     explanation_request("linear", x, filter_indices=[1]), timeout=300
                 )
                 await until_queued(running, 1)
-                await asyncio.to_thread(flush, running)
+                await asyncio.to_thread(running.flush)
                 return await call
 
         assert len(explanation_result(asyncio.run(later())).maps["absolute"]) == 1
-        assert sum(b.stats.samples for b in batchers(running)) == 1
+        assert sum(b.stats.samples for b in running.batchers()) == 1

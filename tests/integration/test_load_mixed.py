@@ -212,16 +212,6 @@ def server_codes(running: RunningServer) -> Counter[tuple[str, str]]:
     return counts
 
 
-def queued(running: RunningServer, model: str) -> int:
-    async def count() -> int:
-        return sum(
-            b.queued for (name, _), b in running.server.core.batchers.items() if name == model
-        )
-
-    result: int = running.call(count())
-    return result
-
-
 async def until(condition: Any, what: str | Any, seconds: float = 120.0) -> None:
     """Polls a blocking condition (run on a thread) until true; `what` describes it
     (or is called for the description, when it fails).
@@ -279,7 +269,7 @@ async def victim_round(
     tasks = {id(split): asyncio.ensure_future(run(stub, split))}
     # `split` is 8 samples: its first 4 go into a device call, which the gate holds.
     await until(lambda: len(entered(files.log)) > passes, "the held device call started")
-    await until(lambda: queued(running, "held") == rows[id(split)] - DEVICE_BATCH, "split queued")
+    await until(lambda: running.queued("held") == rows[id(split)] - DEVICE_BATCH, "split queued")
     for case in [*survivors, *cancelled]:
         tasks[id(case)] = asyncio.ensure_future(run(stub, case))
     for case in expiring:
@@ -287,7 +277,7 @@ async def victim_round(
     behind = sum(rows[id(c)] for c in [*survivors, *cancelled, *expiring])
     await until(
         lambda: (
-            queued(running, "held") + sum(rows[id(c)] for c in expiring if tasks[id(c)].done())
+            running.queued("held") + sum(rows[id(c)] for c in expiring if tasks[id(c)].done())
             == rows[id(split)] - DEVICE_BATCH + behind
         ),
         "every request of the round queued behind the held call",
@@ -313,7 +303,7 @@ async def victim_round(
         lambda: f"the server counted the victims {dict(tally)}: {dict(server_codes(running))}",
     )
     await until(
-        lambda: queued(running, "held") == sum(rows[id(c)] for c in survivors),
+        lambda: running.queued("held") == sum(rows[id(c)] for c in survivors),
         "only the survivors left in the queue",
     )
     files.hold.unlink()
@@ -397,4 +387,4 @@ def test_sustained_mixed_load_loses_nothing_and_mixes_nothing_up(
     assert {k: now[k] - before[k] for k in now if now[k] - before[k]} == dict(sent)
     assert sent[("Predict", "OK")] + sent[("Explain", "OK")] > LOAD_REQUESTS * 0.8
     print("\nrequests by (rpc, status), client and server alike:", dict(sorted(sent.items())))
-    assert queued(server, "conv") == queued(server, "mlp") == queued(server, "held") == 0
+    assert server.queued("conv") == server.queued("mlp") == server.queued("held") == 0

@@ -110,22 +110,6 @@ def held(repo: Path) -> Iterator[RunningServer]:
         yield running
 
 
-def queued(running: RunningServer) -> int:
-    async def count() -> int:
-        return sum(b.queued for b in running.server.core.batchers.values())
-
-    result: int = running.call(count())
-    return result
-
-
-def flush(running: RunningServer) -> None:
-    async def go() -> None:
-        for b in running.server.core.batchers.values():
-            b.flush()
-
-    running.call(go())
-
-
 def device_calls(running: RunningServer, model: str) -> int:
     async def count() -> int:
         return sum(
@@ -138,10 +122,10 @@ def device_calls(running: RunningServer, model: str) -> int:
 
 async def until_queued(running: RunningServer, rows: int) -> None:
     for _ in range(3000):
-        if await asyncio.to_thread(queued, running) == rows:
+        if await asyncio.to_thread(running.queued) == rows:
             return
         await asyncio.sleep(0.01)
-    raise AssertionError(f"{queued(running)} samples queued, expected {rows}")
+    raise AssertionError(f"{running.queued()} samples queued, expected {rows}")
 
 
 def requests_total(running: RunningServer, rpc: str, model: str, code: str) -> float:
@@ -238,7 +222,7 @@ def test_a_failing_input_fails_only_its_own_request_in_a_merged_device_call(
             e = [stub.Explain(r, timeout=300) for r in explain_requests]
             o = [stub.Predict(predict_request("plain", x), timeout=300) for x in others]
             await until_queued(held, rows)  # every request waits for the flush
-            await asyncio.to_thread(flush, held)
+            await asyncio.to_thread(held.flush)
             return (
                 await asyncio.gather(*p, return_exceptions=True),
                 await asyncio.gather(*e, return_exceptions=True),
@@ -290,7 +274,7 @@ def test_a_failing_input_fails_only_its_own_request_in_a_merged_device_call(
                 predict_request("trip", x), timeout=300
             )
             await until_queued(held, len(x))
-            await asyncio.to_thread(flush, held)
+            await asyncio.to_thread(held.flush)
             return await call
 
     x = batch(rng, 2)

@@ -146,16 +146,6 @@ class DepthWatch:
         self._thread.join(10)
 
 
-def queued(running: RunningServer, model: str) -> int:
-    async def count() -> int:
-        return sum(
-            b.queued for (name, _), b in running.server.core.batchers.items() if name == model
-        )
-
-    result: int = running.call(count())
-    return result
-
-
 # Calls -------------------------------------------------------------------------------
 
 
@@ -242,7 +232,7 @@ def test_a_flood_is_refused_while_the_device_call_in_flight_is_still_held(
                     waiting = sum(
                         len(x) for (_, x), c in zip(flood, calls, strict=True) if not c.done()
                     )
-                    if waiting == await asyncio.to_thread(queued, server, "held"):
+                    if waiting == await asyncio.to_thread(server.queued, "held"):
                         break
                     await asyncio.sleep(0.01)
                 else:
