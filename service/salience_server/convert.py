@@ -88,13 +88,7 @@ def _check_sizes(explanation: pb.Explanation, limits: Limits) -> None:
             f"server's max_objectives={limits.max_objectives}"
         )
     for k, objective in enumerate(explanation.objectives):
-        if len(objective.filter_indices) > limits.max_filter_indices:
-            raise InvalidArgument(
-                f"explanation.objectives[{k}].filter_indices has "
-                f"{len(objective.filter_indices)} entries, over the server's "
-                f"max_filter_indices={limits.max_filter_indices}: list each unit once, or "
-                "none for the mean of the whole layer"
-            )
+        limits.check_filter_indices(k, len(objective.filter_indices))
     if len(explanation.grad_modifiers) > len(GRAD_MODIFIERS):
         raise InvalidArgument(
             f"explanation.grad_modifiers has {len(explanation.grad_modifiers)} entries, but "

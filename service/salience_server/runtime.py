@@ -441,13 +441,7 @@ class ModelRuntime:
                 raise InvalidArgument(
                     f"explanation.objectives[{k}].weight={objective.weight} is not finite"
                 )
-            if len(objective.filter_indices) > limits.max_filter_indices:
-                raise InvalidArgument(
-                    f"explanation.objectives[{k}].filter_indices has "
-                    f"{len(objective.filter_indices)} entries, over the server's "
-                    f"max_filter_indices={limits.max_filter_indices}: list each unit once, or "
-                    "none for the mean of the whole layer"
-                )
+            limits.check_filter_indices(k, len(objective.filter_indices))
         if options.samples > limits.max_samples:
             raise InvalidArgument(
                 f"explanation.samples={options.samples} is over {limits.whose('max_samples')} "

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from salience_server.errors import InvalidArgument
+
 # The methods a request may name; `explain.methods.METHODS` implements each.
 VANILLA = "vanilla"
 GRADCAM = "gradcam"
@@ -54,6 +56,15 @@ class Limits:
     def whose(self, cap: str) -> str:
         """Who set the cap named `cap`, for messages: "the model's" or "the server's"."""
         return "the model's" if cap in self.model_caps else "the server's"
+
+    def check_filter_indices(self, k: int, count: int) -> None:
+        """Refuses objective `k` listing `count` filter indices, over the cap."""
+        if count > self.max_filter_indices:
+            raise InvalidArgument(
+                f"explanation.objectives[{k}].filter_indices has {count} entries, over the "
+                f"server's max_filter_indices={self.max_filter_indices}: list each unit once, "
+                "or none for the mean of the whole layer"
+            )
 
 
 LayerSelector = str | int | None
