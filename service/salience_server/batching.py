@@ -56,13 +56,13 @@ from salience_server.errors import (
     Unavailable,
     deadline_passed,
 )
-from salience_server.explain.engine import Plan
 from salience_server.explain.options import ExplainResult
+from salience_server.explain.plan import Plan
 from salience_server.metrics import Metrics
 from salience_server.settings import BatchingConfig
 
 if TYPE_CHECKING:
-    from salience_server.runtime import ModelRuntime
+    from salience_server.seam import ModelDevice
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class BatchStats:
 class Batcher:
     """The queue, the batching task and the device thread of one model runtime."""
 
-    def __init__(self, runtime: ModelRuntime, config: BatchingConfig, metrics: Metrics) -> None:
+    def __init__(self, runtime: ModelDevice, config: BatchingConfig, metrics: Metrics) -> None:
         self.runtime = runtime
         self.config = config
         self.stats = BatchStats()
@@ -230,6 +230,7 @@ class Batcher:
         key: Key = (
             EXPLAIN,
             plan.graph,
+            plan.share,
             _signature(inputs),
             tuple(k for k, _ in params),
             _signature([v for _, v in params]),

@@ -10,7 +10,7 @@ from salience.v1 import salience_pb2 as pb
 from salience_client import tensors
 from salience_client.tensors import TensorError
 from salience_server.errors import InvalidArgument, allowed
-from salience_server.explain.modifiers import GRAD_MODIFIERS
+from salience_server.explain import catalog
 from salience_server.explain.options import (
     VANILLA,
     ExplainOptions,
@@ -20,7 +20,7 @@ from salience_server.explain.options import (
     Objective,
 )
 from salience_server.repository import VersionStatus
-from salience_server.runtime import ModelRuntime, TensorInfo
+from salience_server.seam import ModelDevice, TensorInfo
 
 # Longest string a request field may hold. Names (of models, layers, inputs,
 # methods, modifiers) are short, and error messages echo them: a status's message
@@ -89,11 +89,12 @@ def _check_sizes(explanation: pb.Explanation, limits: Limits) -> None:
         )
     for k, objective in enumerate(explanation.objectives):
         limits.check_filter_indices(k, len(objective.filter_indices))
-    if len(explanation.grad_modifiers) > len(GRAD_MODIFIERS):
+    grad_modifiers = catalog.grad_modifiers()
+    if len(explanation.grad_modifiers) > len(grad_modifiers):
         raise InvalidArgument(
             f"explanation.grad_modifiers has {len(explanation.grad_modifiers)} entries, but "
-            f"there are {len(GRAD_MODIFIERS)} grad modifiers: list each once, from "
-            f"{allowed(GRAD_MODIFIERS)}"
+            f"there are {len(grad_modifiers)} grad modifiers: list each once, from "
+            f"{allowed(grad_modifiers)}"
         )
 
 
@@ -204,23 +205,23 @@ def _unset_options(explanation: pb.Explanation) -> frozenset[str]:
     return frozenset(name for name, is_unset in unset.items() if is_unset)
 
 
-def model_spec(runtime: ModelRuntime) -> pb.ModelSpec:
+def model_spec(runtime: ModelDevice) -> pb.ModelSpec:
     return pb.ModelSpec(name=runtime.name, version=runtime.version)
 
 
-def top_labels(runtime: ModelRuntime, outputs: Sequence[np.ndarray]) -> list[str]:
+def top_labels(runtime: ModelDevice, outputs: Sequence[np.ndarray]) -> list[str]:
     """Per sample, the label of its predicted class (empty when the model has none)."""
     return runtime.config.top_labels([info.name for info in runtime.outputs], outputs)
 
 
-def output_tensors(runtime: ModelRuntime, outputs: Sequence[np.ndarray]) -> list[pb.Tensor]:
+def output_tensors(runtime: ModelDevice, outputs: Sequence[np.ndarray]) -> list[pb.Tensor]:
     return [
         tensors.encode(array, info.name)
         for info, array in zip(runtime.outputs, outputs, strict=True)
     ]
 
 
-def explain_response(runtime: ModelRuntime, result: ExplainResult) -> pb.ExplainResponse:
+def explain_response(runtime: ModelDevice, result: ExplainResult) -> pb.ExplainResponse:
     r = result.resolved
     resolved = pb.ResolvedExplanation(
         method=r.method,
@@ -279,7 +280,7 @@ def _tensor_spec(info: TensorInfo, labels: Sequence[str] = ()) -> pb.TensorSpec:
 
 
 def model_metadata(
-    runtime: ModelRuntime,
+    runtime: ModelDevice,
     versions: Sequence[int],
     max_batch_size: int,
     methods: Sequence[str],

@@ -1,5 +1,7 @@
-"""The protocol-neutral core: checks and plans a request off the event loop, then
-hands it to its model's batcher, which computes it on the model's device thread.
+"""The protocol-neutral core: checks and plans a request, then hands it to its
+model's batcher, which computes it on the model's device thread. Input checks and
+plans seen before run on the event loop (a thread hop costs more than they do);
+only a new plan goes to a host thread.
 
 The servicer converts protobuf to these calls and back; nothing here knows gRPC.
 A deadline is an absolute `time.monotonic()` instant (None: no deadline).
@@ -21,13 +23,13 @@ from typing import TypeVar
 
 import numpy as np
 
+from salience_server import checks
 from salience_server.batching import Batcher
 from salience_server.errors import NotFound, Unavailable, allowed
-from salience_server.explain.engine import Plan
 from salience_server.explain.options import ExplainOptions, ExplainResult
 from salience_server.metrics import Metrics
 from salience_server.repository import ModelRepository
-from salience_server.runtime import ModelRuntime
+from salience_server.seam import ModelDevice
 from salience_server.settings import BatchingConfig, Settings
 
 T = TypeVar("T")
@@ -55,15 +57,15 @@ class InferenceCore:
         self._reasons: dict[str, str] = {}
         self.settings = settings
         self.metrics = metrics
-        # Host work only (input checks, planning, which may build derived models):
+        # Host work only (planning new options, which may build derived models):
         # device calls run on each model's own thread, inside its batcher.
         self._host = ThreadPoolExecutor(
             max_workers=settings.worker_threads, thread_name_prefix="salience-host"
         )
         self._batchers: dict[tuple[str, int], Batcher] = {}
         # Hot reload: requests holding each runtime, and batchers being retired.
-        self._leases: dict[ModelRuntime, int] = {}
-        self._idle: dict[ModelRuntime, asyncio.Event] = {}
+        self._leases: dict[ModelDevice, int] = {}
+        self._idle: dict[ModelDevice, asyncio.Event] = {}
         self._retiring: set[Batcher] = set()
         self._draining = False  # shutting down: every batcher refuses new requests
 
@@ -72,13 +74,13 @@ class InferenceCore:
         """The batchers made so far, by model name and version."""
         return MappingProxyType(self._batchers)
 
-    def batching_config(self, runtime: ModelRuntime) -> BatchingConfig:
+    def batching_config(self, runtime: ModelDevice) -> BatchingConfig:
         """A model's batching: the server's settings with its configuration's overrides
         (warm-up runs the same buckets its batcher pads to).
         """
         return runtime.config.batching.apply(self.settings.batching_for(runtime.name))
 
-    def batcher(self, runtime: ModelRuntime) -> Batcher:
+    def batcher(self, runtime: ModelDevice) -> Batcher:
         """The batcher of a model version, made on first use (on the event loop)."""
         key = (runtime.name, runtime.version)
         batcher = self._batchers.get(key)
@@ -93,7 +95,7 @@ class InferenceCore:
     # Hot reload ---------------------------------------------------------------
 
     @contextmanager
-    def _lease(self, runtime: ModelRuntime) -> Iterator[None]:
+    def _lease(self, runtime: ModelDevice) -> Iterator[None]:
         """Holds a runtime for one request, from resolving it to its answer."""
         self._leases[runtime] = self._leases.get(runtime, 0) + 1
         try:
@@ -105,7 +107,7 @@ class InferenceCore:
             elif runtime in self._idle:
                 self._idle[runtime].set()
 
-    def retire(self, runtime: ModelRuntime) -> Awaitable[None]:
+    def retire(self, runtime: ModelDevice) -> Awaitable[None]:
         """Ends a runtime the repository no longer serves (call it in the same step as
         the swap, before a request can make the version a new batcher): the requests
         that resolved it before the swap finish on it, then its batcher closes; await
@@ -122,7 +124,7 @@ class InferenceCore:
             batcher = None
         return self._retired(runtime, batcher)
 
-    async def _retired(self, runtime: ModelRuntime, batcher: Batcher | None) -> None:
+    async def _retired(self, runtime: ModelDevice, batcher: Batcher | None) -> None:
         try:
             while self._leases.get(runtime, 0):
                 await self._idle.setdefault(runtime, asyncio.Event()).wait()
@@ -156,7 +158,7 @@ class InferenceCore:
                 del self._states[name]
         self.expect(loaded)
 
-    def warm_up(self, runtime: ModelRuntime) -> None:
+    def warm_up(self, runtime: ModelDevice) -> None:
         """Runs a model version's default functions at every batch bucket (blocking)."""
         runtime.warm_up(self.batching_config(runtime).buckets)
 
@@ -181,7 +183,7 @@ class InferenceCore:
         """The models that serve requests now."""
         return sorted(name for name, state in self._states.items() if state == READY)
 
-    def runtime(self, name: str, version: int = 0) -> ModelRuntime:
+    def runtime(self, name: str, version: int = 0) -> ModelDevice:
         """The runtime of a ready model version: UNAVAILABLE while it loads, NOT_FOUND
         (with the reason) when it failed or is not served.
         """
@@ -195,7 +197,7 @@ class InferenceCore:
             )
         return self.repository.get(name, version)
 
-    def _claimed(self, runtime: ModelRuntime, arrays: dict[str, np.ndarray]) -> int:
+    def _claimed(self, runtime: ModelDevice, arrays: dict[str, np.ndarray]) -> int:
         """The rows a request is admitted for: at most its model's batch cap. A larger
         batch is refused by the input checks as INVALID_ARGUMENT, never as a full
         queue, whose RESOURCE_EXHAUSTED invites retries that can never succeed.
@@ -205,24 +207,29 @@ class InferenceCore:
     async def _on_host(self, work: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._host, work)
 
+    def _check_inputs(
+        self, runtime: ModelDevice, arrays: dict[str, np.ndarray]
+    ) -> list[np.ndarray]:
+        settings = self.settings
+        return checks.check_inputs(
+            runtime, arrays, settings.max_batch_size, settings.max_free_axis_size
+        )
+
     async def predict(
         self,
         name: str,
         version: int,
         arrays: dict[str, np.ndarray],
         deadline: float | None = None,
-    ) -> tuple[ModelRuntime, list[np.ndarray]]:
+    ) -> tuple[ModelDevice, list[np.ndarray]]:
         """The model's outputs for a batch of inputs keyed by input name."""
         runtime = self.runtime(name, version)
         with self._lease(runtime):
             batcher = self.batcher(runtime)
             # A full queue refuses before any work is spent on the request.
             batcher.admit(self._claimed(runtime, arrays), deadline)
-            inputs = await self._on_host(
-                lambda: runtime.check_inputs(
-                    arrays, self.settings.max_batch_size, self.settings.max_free_axis_size
-                )
-            )
+            # numpy checks, on the loop: a thread hop costs more than they do.
+            inputs = self._check_inputs(runtime, arrays)
             return runtime, await batcher.predict(inputs, deadline)
 
     async def explain(
@@ -232,21 +239,20 @@ class InferenceCore:
         arrays: dict[str, np.ndarray],
         options: ExplainOptions,
         deadline: float | None = None,
-    ) -> tuple[ModelRuntime, ExplainResult]:
+    ) -> tuple[ModelDevice, ExplainResult]:
         """Predictions and maps for a batch of inputs keyed by input name."""
         runtime = self.runtime(name, version)
         runtime.check_options(options, self.settings.limits)
         with self._lease(runtime):
             batcher = self.batcher(runtime)
             batcher.admit(self._claimed(runtime, arrays), deadline)
-
-            def prepare() -> tuple[list[np.ndarray], Plan]:
-                inputs = runtime.check_inputs(
-                    arrays, self.settings.max_batch_size, self.settings.max_free_axis_size
-                )
-                return inputs, runtime.plan(options, len(inputs[0]))
-
-            inputs, plan = await self._on_host(prepare)
+            inputs = self._check_inputs(runtime, arrays)
+            rows = len(inputs[0])
+            # Options seen before at this batch size are planned on the loop; new
+            # ones on a host thread (planning may build derived models).
+            plan = runtime.cached_plan(options, rows)
+            if plan is None:
+                plan = await self._on_host(lambda: runtime.plan(options, rows))
             return runtime, await batcher.explain(inputs, plan, deadline)
 
     def drain(self) -> None:

@@ -34,11 +34,9 @@ from salience_client.tensors import TensorError
 from salience_server import convert
 from salience_server.core import READY, InferenceCore
 from salience_server.errors import InvalidArgument, ServiceError, allowed, label_call
-from salience_server.explain.methods import METHODS
-from salience_server.explain.modifiers import GRAD_MODIFIERS
+from salience_server.explain import catalog
 from salience_server.explain.options import OUTPUT_DTYPES, VANILLA
-from salience_server.runtime import ModelRuntime
-from salience_server.savedmodel import SavedModelRuntime
+from salience_server.seam import ModelDevice
 from salience_server.servicer import deadline
 
 SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -283,7 +281,7 @@ def request_inputs(request: oip.ModelInferRequest) -> Inputs:
     return Inputs(arrays, raw)
 
 
-def check_datatypes(request: oip.ModelInferRequest, runtime: ModelRuntime) -> None:
+def check_datatypes(request: oip.ModelInferRequest, runtime: ModelDevice) -> None:
     """Each named input's datatype against the model's, in this protocol's words
     (unknown and missing inputs are left to the runtime's checks).
     """
@@ -320,16 +318,16 @@ class Wanted:
 
 def saliency_outputs() -> list[str]:
     """Every saliency output name: the default map, then one per grad modifier."""
-    return [SALIENCY, *(SALIENCY_PREFIX + m for m in GRAD_MODIFIERS)]
+    return [SALIENCY, *(SALIENCY_PREFIX + m for m in catalog.grad_modifiers())]
 
 
-def requested_outputs(request: oip.ModelInferRequest, runtime: ModelRuntime) -> Wanted:
+def requested_outputs(request: oip.ModelInferRequest, runtime: ModelDevice) -> Wanted:
     """Which outputs to return; a model output of the same name wins over a map's."""
     model = [info.name for info in runtime.outputs]
     outputs = request.outputs
     if not outputs:
         return Wanted(tuple(model), tuple(model), (), False)
-    limit = len(model) + 1 + len(GRAD_MODIFIERS)
+    limit = len(model) + 1 + len(catalog.grad_modifiers())
     if len(outputs) > limit:
         raise InvalidArgument(
             f"outputs has {len(outputs)} entries, but model {runtime.name!r} has {limit} "
@@ -354,7 +352,10 @@ def requested_outputs(request: oip.ModelInferRequest, runtime: ModelRuntime) -> 
             pass
         elif name == SALIENCY:
             default_map = True
-        elif name.startswith(SALIENCY_PREFIX) and name[len(SALIENCY_PREFIX) :] in GRAD_MODIFIERS:
+        elif (
+            name.startswith(SALIENCY_PREFIX)
+            and name[len(SALIENCY_PREFIX) :] in catalog.grad_modifiers()
+        ):
             modifiers.append(name[len(SALIENCY_PREFIX) :])
         else:
             raise InvalidArgument(
@@ -606,7 +607,7 @@ def _modifier(param: oip.InferParameter, wanted: Wanted) -> str:
     return listed[0]
 
 
-def grad_modifiers(runtime: ModelRuntime, params: ExplanationParameters, wanted: Wanted) -> str:
+def grad_modifiers(runtime: ModelDevice, params: ExplanationParameters, wanted: Wanted) -> str:
     """Sets the explanation's grad modifiers for the maps requested; returns the grad
     modifier of the `saliency` output ("" when it is Explain's default, unset).
     """
@@ -620,9 +621,8 @@ def grad_modifiers(runtime: ModelRuntime, params: ExplanationParameters, wanted:
             default = configured.grad_modifiers[0]
         else:
             method = explanation.method or configured.method or VANILLA
-            known = METHODS.get(method)
             # An unknown method is refused by the options' checks, naming it.
-            default = known.default_grad_modifier if known is not None else ""
+            default = catalog.METHODS.get(method, "")
     chosen = [default] if wanted.default_map and default else []
     chosen += [m for m in wanted.modifiers if m not in chosen]
     explanation.grad_modifiers.extend(chosen)
@@ -722,7 +722,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return oip.ModelMetadataResponse(
             name=runtime.name,
             versions=[str(v) for v in self.core.repository.versions(runtime.name)],
-            platform="tensorflow_savedmodel" if isinstance(runtime, SavedModelRuntime) else "keras",
+            platform=runtime.platform,
             inputs=[
                 tensor(
                     name=i.name,
@@ -764,7 +764,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         if wanted.explains:
             # As Explain labels its calls: the method asked for, "" for an unknown one.
             method = params.explanation.method or VANILLA
-            label_call(name, method if method in METHODS else "")
+            label_call(name, method if method in catalog.METHODS else "")
         inputs = request_inputs(request)
         check_datatypes(request, runtime)
         maps: dict[str, np.ndarray] = {}

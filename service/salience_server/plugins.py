@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
-from salience_server.explain import backprop, modifiers
+from salience_server.explain import backprop, catalog, modifiers
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ def register_grad_modifier(name: str, fn: Callable[[tf.Tensor], tf.Tensor]) -> N
         raise PluginError(f"grad modifier {name!r} is not a function")
     _probe("grad modifier", name, fn, tf.constant(_PROBE))
     modifiers.GRAD_MODIFIERS[name] = fn
+    catalog.add_grad_modifier(name)
     log.info("registered grad modifier %r", name)
 
 

@@ -45,19 +45,20 @@ import re
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import keras
+from typing import TYPE_CHECKING
 
 from salience_server.errors import InvalidArgument, NotFound, allowed
-from salience_server.explain import modifiers
 from salience_server.model_config import (
     ModelConfig,
     ModelConfigError,
     VersionPolicy,
     load_model_config,
 )
-from salience_server.runtime import ModelRuntime
-from salience_server.savedmodel import ModelFormatError, SavedModelRuntime
+
+if TYPE_CHECKING:
+    # Loading a version needs TensorFlow; the registry itself does not (the device
+    # seam's callers read it), so those imports wait for the first load.
+    from salience_server.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
 
@@ -324,6 +325,8 @@ def check_config(runtime: ModelRuntime) -> None:
     """What a model's configuration says about the model itself, checked against it:
     labels, explanation defaults. Raises ModelConfigError naming the key.
     """
+    from salience_server.explain import modifiers
+
     config = runtime.config
     if config.labels:
         names = [info.name for info in runtime.outputs]
@@ -365,6 +368,11 @@ def load_version(name: str, version: int, version_dir: Path, config: ModelConfig
     Keras files load in safe mode. Raises ModelLoadError, ModelConfigError, or
     whatever the model file's loader raised.
     """
+    import keras
+
+    from salience_server.runtime import ModelRuntime
+    from salience_server.savedmodel import ModelFormatError, SavedModelRuntime
+
     path = model_format(version_dir)
     if path.name == SAVED_MODEL_FILE:
         try:
@@ -378,7 +386,7 @@ def load_version(name: str, version: int, version_dir: Path, config: ModelConfig
     return runtime
 
 
-Loader = Callable[[str, int, Path, ModelConfig], ModelRuntime]
+Loader = Callable[[str, int, Path, ModelConfig], "ModelRuntime"]
 
 
 @dataclass(frozen=True)

@@ -11,34 +11,25 @@ import dataclasses
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from salience_server import devices
+from salience_server import checks, devices, rows, warmup
 from salience_server.devices import Placement
 from salience_server.errors import (
     FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
-    ServiceError,
     allowed,
 )
 from salience_server.explain import backprop, modifiers, randomize
-from salience_server.explain.engine import (
-    DeviceFunction,
-    Graph,
-    Plan,
-    RawTensors,
-    Tensors,
-    param_specs,
-)
+from salience_server.explain.engine import DeviceFunction, RawTensors, Tensors, param_specs
 from salience_server.explain.methods import METHODS
 from salience_server.explain.options import (
     DEFAULT_SAMPLES,
@@ -48,15 +39,22 @@ from salience_server.explain.options import (
     ExplainResult,
     Limits,
 )
+from salience_server.explain.plan import Graph, Plan
 from salience_server.explain.targets import Target, TargetResolver, activation_name
-from salience_server.model_config import ExplainDefaults, ModelConfig
+from salience_server.model_config import ModelConfig
 from salience_server.preprocess import Preprocessing
+from salience_server.seam import LayerInfo, TensorInfo
 
 log = logging.getLogger(__name__)
 
-# Sizes tried in turn for input axes a model leaves free (None) at warm-up: small
-# enough to be cheap, large enough for a few valid convolutions and poolings.
-WARM_UP_SIZES = (32, 64, 128, 224)
+T = TypeVar("T")
+
+# Plans kept per model, by (options, batch size), so that a request like an
+# earlier one is planned on the event loop without a lock or a thread hop; only
+# plans whose per-sample params are small are kept (an Integrated Gradients
+# baseline is input-sized).
+PLAN_CACHE_SIZE = 256
+PLAN_CACHE_BYTES = 1 << 20
 
 # Distinct graphs kept compiled per model; the least recently used is dropped
 # beyond this, so requests naming ever new layers cannot grow memory without bound.
@@ -134,24 +132,6 @@ def _with_xla(fn: DeviceFunction) -> DeviceFunction:
     return compiled
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """A model input or output: name, numpy dtype name and shape (None = free)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int | None, ...]
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    name: str
-    index: int
-    kind: str
-    output_shape: tuple[int | None, ...] | None
-    activation: str
-
-
 def _tensor_info(tensor: Any, name: str) -> TensorInfo:
     return TensorInfo(name=name, dtype=str(np.dtype(tensor.dtype)), shape=tuple(tensor.shape))
 
@@ -182,6 +162,7 @@ class ModelRuntime:
     # Whether the model has Keras layers that objectives, `wrt`, the CAM methods and
     # backprop modifiers can name; a SavedModel's signature has none (savedmodel.py).
     has_layers = True
+    platform = "keras"
 
     def __init__(
         self,
@@ -261,12 +242,14 @@ class ModelRuntime:
         )
         self.resolver = resolver
         self._functions: OrderedDict[Graph, DeviceFunction] = OrderedDict()
+        # (options, batch) -> (plan, options with the model's defaults applied).
+        self._plans: dict[tuple[ExplainOptions, int], tuple[Plan, ExplainOptions]] = {}
         # Guards the resolver and the function cache; RLock because methods build
         # derived models (linear twins, modified copies) while planning.
         self._lock = threading.RLock()
         # Models and facts derived from this one (backprop-modified copies, activation
-        # scans), built once under _lock by the methods that need them, by key.
-        self.derived: dict[Any, Any] = {}
+        # scans), built once under _lock by the methods that need them (`derive`).
+        self._derived: dict[Any, Any] = {}
         self.traces = 0  # how many gradient functions have been traced (for tests)
         # Where the weights are, as TensorFlow reports it (metadata and logs show it).
         self.device = devices.weights_device(self.model) or self.placement.device
@@ -305,85 +288,8 @@ class ModelRuntime:
     def check_inputs(
         self, arrays: dict[str, np.ndarray], max_batch: int, max_free_axis: int | None = None
     ) -> list[np.ndarray]:
-        """Orders request inputs by the model's inputs and checks each against its spec.
-
-        Keys are input names; a single unnamed ("") input is accepted for a model
-        with one input; an axis the model leaves free may be at most `max_free_axis`
-        long. Raises InvalidArgument naming the field and what is allowed.
-        """
-        capped = self.config.limits.batch_size(max_batch)
-        whose = "the model's" if capped < max_batch else "the server's"
-        max_batch = capped
-        names = [info.name for info in self.inputs]
-        if len(self.inputs) == 1 and set(arrays) == {""}:
-            arrays = {names[0]: arrays[""]}
-        unknown = sorted(set(arrays) - set(names))
-        if unknown:
-            raise InvalidArgument(
-                f"inputs name {allowed(unknown)} not an input of model {self.name!r}: "
-                f"its inputs are {allowed(names)}"
-            )
-        missing = [n for n in names if n not in arrays]
-        if missing:
-            raise InvalidArgument(
-                f"inputs lack {allowed(missing)}: model {self.name!r} takes {allowed(names)}"
-            )
-        ordered = []
-        batch = None
-        for info in self.inputs:
-            array = arrays[info.name]
-            field = f"inputs[{info.name!r}]"
-            expected = ["N", *(d if d is not None else "any" for d in info.shape[1:])]
-            if array.dtype != np.dtype(info.dtype):
-                raise InvalidArgument(
-                    f"{field}.dtype={array.dtype} is not accepted: input {info.name!r} of model "
-                    f"{self.name!r} takes {info.dtype}"
-                )
-            if array.ndim != len(info.shape):
-                raise InvalidArgument(
-                    f"{field}.shape={list(array.shape)} has rank {array.ndim}: input "
-                    f"{info.name!r} takes rank {len(info.shape)} (batch first), shape {expected}"
-                )
-            for axis, (got, want) in enumerate(zip(array.shape[1:], info.shape[1:], strict=True)):
-                if want is not None and got != want:
-                    raise InvalidArgument(
-                        f"{field}.shape[{axis + 1}]={got} does not match: input {info.name!r} "
-                        f"takes shape {expected}"
-                    )
-                # A free axis bounds the work only by the message size otherwise.
-                if want is None and max_free_axis is not None and got > max_free_axis:
-                    raise InvalidArgument(
-                        f"{field}.shape[{axis + 1}]={got} is over the server's "
-                        f"max_free_axis_size={max_free_axis}: input {info.name!r} takes shape "
-                        f"{expected} with at most {max_free_axis} along each free axis"
-                    )
-                # A free axis of size 0 passes the spec, but no layer computes on it.
-                if got == 0:
-                    raise InvalidArgument(
-                        f"{field}.shape[{axis + 1}]=0 is empty: input {info.name!r} takes "
-                        f"shape {expected} with at least one value along every axis"
-                    )
-            if array.shape[0] == 0:
-                raise InvalidArgument(f"{field} is an empty batch: send at least one sample")
-            if array.shape[0] > max_batch:
-                raise InvalidArgument(
-                    f"{field} has a batch of {array.shape[0]}, over {whose} "
-                    f"max_batch_size={max_batch}: split it into smaller requests"
-                )
-            if batch is not None and array.shape[0] != batch:
-                raise InvalidArgument(
-                    f"{field} has batch {array.shape[0]} but an earlier input has {batch}: "
-                    "every input needs the same batch size"
-                )
-            batch = array.shape[0]
-            if array.dtype.kind == "f" and not np.isfinite(array).all():
-                bad = int(np.argwhere(~np.isfinite(array.reshape(array.shape[0], -1)))[0][0])
-                raise InvalidArgument(
-                    f"{field} holds NaN or infinite values (first in sample {bad}): "
-                    "only finite values are accepted"
-                )
-            ordered.append(array)
-        return ordered
+        """Request inputs ordered and checked against this model's (`checks`)."""
+        return checks.check_inputs(self, arrays, max_batch, max_free_axis)
 
     # Predict ----------------------------------------------------------------
 
@@ -465,8 +371,38 @@ class ModelRuntime:
                 f"explanation.input is required: model {self.name!r} has inputs {allowed(names)}"
             )
 
+    def cached_plan(self, options: ExplainOptions, batch: int) -> Plan | None:
+        """The plan of checked options planned before at this batch size, made fresh
+        for this request (`Method.fresh`); None when it must be `plan`ned. Takes no
+        lock and computes nothing on the device: the event loop calls it.
+        """
+        try:
+            entry = self._plans.get((options, batch))
+        except TypeError:  # unhashable options (an explicit baseline array)
+            return None
+        if entry is None:
+            return None
+        plan, applied = entry
+        return METHODS[plan.graph.method].fresh(plan, applied)
+
     def plan(self, options: ExplainOptions, batch: int) -> Plan:
         """Resolves checked options for a request of `batch` samples (engine step 1)."""
+        plan, applied = self._plan(options, batch)
+        try:
+            key = (options, batch)
+            hash(key)
+        except TypeError:
+            return plan
+        if sum(p.nbytes for p in plan.params.values()) <= PLAN_CACHE_BYTES:
+            for value in plan.params.values():
+                value.flags.writeable = False  # shared by every request that reuses it
+            with self._lock:
+                self._plans[key] = (plan, applied)
+                while len(self._plans) > PLAN_CACHE_SIZE:
+                    del self._plans[next(iter(self._plans))]
+        return plan
+
+    def _plan(self, options: ExplainOptions, batch: int) -> tuple[Plan, ExplainOptions]:
         options = self.config.explain.apply(options)
         method = METHODS[options.method]
         with self._lock:
@@ -482,7 +418,7 @@ class ModelRuntime:
                 randomized_layers=randomize.layer_names(self, options.randomize_layers),
                 randomization_seed=options.randomize_seed,
             )
-        return plan
+        return plan, options
 
     def compute(
         self, graph: Graph, inputs: Sequence[np.ndarray], params: Mapping[str, np.ndarray]
@@ -539,34 +475,9 @@ class ModelRuntime:
 
     # Batches (the batcher's row bookkeeping; tensors stay on the device) -----
 
-    @staticmethod
-    def gather_rows(tensors: Any, index: np.ndarray) -> Any:
-        """The rows `index` of each batch-first tensor of a sequence or mapping."""
-        if isinstance(tensors, Mapping):
-            return {name: tf.gather(t, index) for name, t in tensors.items()}
-        return [
-            np.asarray(t)[index] if isinstance(t, np.ndarray) else tf.gather(t, index)
-            for t in tensors
-        ]
-
-    @staticmethod
-    def split_rows(tensor: Any, sizes: Sequence[int]) -> list[Any]:
-        """Consecutive blocks of `sizes` rows of a batch-first device tensor or array."""
-        if len(sizes) == 1:
-            return [tensor]
-        if isinstance(tensor, np.ndarray):
-            ends = np.cumsum(sizes)
-            return [tensor[end - size : end] for size, end in zip(sizes, ends, strict=True)]
-        return list(tf.split(tensor, list(sizes), axis=0))
-
-    @staticmethod
-    def concat_rows(parts: Sequence[Any]) -> Any:
-        """Row blocks (of one request split across device calls) joined back in order."""
-        if len(parts) == 1:
-            return parts[0]
-        if isinstance(parts[0], np.ndarray):
-            return np.concatenate(parts)
-        return tf.concat(list(parts), axis=0)
+    gather_rows = staticmethod(rows.gather_rows)
+    split_rows = staticmethod(rows.split_rows)
+    concat_rows = staticmethod(rows.concat_rows)
 
     def explain(self, inputs: Sequence[np.ndarray], options: ExplainOptions) -> ExplainResult:
         """Predictions and one map per grad modifier, for one request computed alone."""
@@ -606,6 +517,24 @@ class ModelRuntime:
         """The backprop modifiers this model can be explained with."""
         return backprop.supported_modifiers(self)
 
+    def derive(self, key: Hashable, make: Callable[[], T]) -> T:
+        """A model or fact derived from this one (a backprop-modified copy, a layer
+        scan), made by `make` once per key and kept for the runtime's life.
+        """
+        with self._lock:
+            if key not in self._derived:
+                self._derived[key] = make()
+            value: T = self._derived[key]
+            return value
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Holds the runtime's planning lock (re-entrant): the target resolver, the
+        derived models and the compiled functions change only under it.
+        """
+        with self._lock:
+            yield
+
     def count_trace(self) -> None:
         """Called by device functions while they are traced (tests count retraces)."""
         self.traces += 1
@@ -630,104 +559,10 @@ class ModelRuntime:
 
     # Warm-up ----------------------------------------------------------------
 
-    def default_explanations(self) -> list[ExplainOptions]:
-        """What warm-up explains: an explanation request that sets nothing (so the
-        model's configured defaults choose the method and its options), of the first
-        floating-point input. Extend this list to warm up more methods.
-        """
-        floats = [info.name for info in self.inputs if np.dtype(info.dtype).kind == "f"]
-        if not floats:
-            return []
-        return [
-            ExplainOptions(
-                input_name=floats[0] if len(self.inputs) > 1 else "",
-                unset=frozenset(f.name for f in dataclasses.fields(ExplainDefaults)),
-            )
-        ]
-
     def warm_up(
         self,
         buckets: Sequence[int] = (1,),
         explanations: Sequence[ExplainOptions] | None = None,
     ) -> None:
-        """Runs predict and each default explanation once at every batch size of
-        `buckets` (the sizes the batcher pads device calls to), so that the first
-        request of each finds its functions traced, and with XLA compiled for its
-        shape, and on a GPU its kernels chosen.
-
-        Input axes the model leaves free (None) take the first of `WARM_UP_SIZES`
-        the model accepts; when none fits, warm-up is skipped with a log line and
-        the first requests trace instead. An explanation the model cannot give (a
-        ServiceError, such as a CAM method without a spatial layer) is logged and
-        left out; a predict that runs out of device memory ends warm-up with a log
-        line; any other failing predict raises: the model cannot serve.
-        """
-        sample = self._warm_up_sample()
-        if sample is None:
-            return
-        chosen = list(self.default_explanations() if explanations is None else explanations)
-        placed: set[str] = set()
-        for size in sorted(set(buckets)):
-            batch = [np.repeat(x, size, axis=0) for x in sample]
-            try:
-                self.predict(batch)
-            except ResourceExhausted:
-                # The model serves; calls this large will fail alike until the
-                # device batch size is lowered.
-                log.warning(
-                    "model %s: the device ran out of memory warming up batch %d: larger "
-                    "buckets are not warmed; lower max_device_batch_size",
-                    self.name,
-                    size,
-                )
-                return
-            for options in list(chosen):
-                try:
-                    plan = self.plan(options, size)
-                    outputs, raw = self.compute(plan.graph, batch, plan.params)
-                    self.finish(plan, outputs, raw)
-                    if plan.graph.method not in placed and raw:
-                        # Evidence of where explanations run, next to the weights' line.
-                        placed.add(plan.graph.method)
-                        log.info(
-                            "model %s: %s computed on %s",
-                            self.name,
-                            plan.graph.method,
-                            next(iter(raw.values())).device,
-                        )
-                except ServiceError as err:
-                    log.warning(
-                        "model %s: warm-up leaves out explanation %r: %s",
-                        self.name,
-                        options.method,
-                        err,
-                    )
-                    chosen.remove(options)
-
-    def _warm_up_sample(self) -> list[np.ndarray] | None:
-        """One all-zeros sample per input, free axes filled with a size that works."""
-        free = any(d is None for info in self.inputs for d in info.shape[1:])
-        failures = []
-        for size in WARM_UP_SIZES if free else (0,):
-            sample = [
-                np.zeros([1, *(size if d is None else d for d in info.shape[1:])], info.dtype)
-                for info in self.inputs
-            ]
-            if not free:
-                self.predict(sample)
-                return sample
-            try:
-                self.predict(sample)
-            except Exception as err:  # a size this model cannot take: try the next
-                failures.append(f"{size}: {type(err).__name__}")
-                continue
-            log.info("model %s: warming up with free input axes of size %d", self.name, size)
-            return sample
-        log.warning(
-            "model %s: warm-up skipped: its free input axes take none of the sizes %s (%s); "
-            "the first request of each shape traces its functions",
-            self.name,
-            ", ".join(map(str, WARM_UP_SIZES)),
-            "; ".join(failures),
-        )
-        return None
+        """Runs predict and the default explanations at every bucket (`warmup`)."""
+        warmup.warm_up(self, buckets, explanations)

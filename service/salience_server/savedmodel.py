@@ -195,6 +195,7 @@ class SavedModelRuntime(ModelRuntime):
     """
 
     has_layers = False
+    platform = "tensorflow_savedmodel"
 
     def __init__(
         self,

@@ -17,8 +17,7 @@ from salience.v1 import salience_pb2_grpc
 from salience_server import convert
 from salience_server.core import LOADING, InferenceCore
 from salience_server.errors import label_call
-from salience_server.explain.methods import METHODS
-from salience_server.explain.modifiers import GRAD_MODIFIERS
+from salience_server.explain import catalog
 from salience_server.explain.options import VANILLA
 from salience_server.stream import explain_stream
 
@@ -54,7 +53,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         # Labelled first, so requests that fail to decode are counted by model too;
         # an unknown method gets "" so callers cannot grow the label set.
         method = request.explanation.method or VANILLA
-        label_call(request.model.name, method if method in METHODS else "")
+        label_call(request.model.name, method if method in catalog.METHODS else "")
         convert.check_model(request.model)
         arrays = convert.request_inputs(request.inputs)
         options = convert.explain_options(request.explanation, self.core.settings.limits)
@@ -84,7 +83,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
             repository.versions(name),
             caps.batch_size(settings.max_batch_size),
             runtime.supported_methods(),
-            tuple(GRAD_MODIFIERS),
+            catalog.grad_modifiers(),
             runtime.backprop_modifiers(),
             caps.apply(settings.limits),
             with_layers,

@@ -33,15 +33,15 @@ from salience.v1 import salience_pb2 as pb
 from salience_server import convert
 from salience_server.core import InferenceCore
 from salience_server.errors import InvalidArgument, ServiceError, label_call
-from salience_server.explain.methods import METHODS
+from salience_server.explain import catalog
 from salience_server.explain.options import VANILLA, ExplainOptions
-from salience_server.runtime import ModelRuntime
+from salience_server.seam import ModelDevice
 
 # The window's default and cap, in device calls: one computing while the next fills.
 WINDOW_DEVICE_CALLS = 2
 
 
-def window_for(core: InferenceCore, runtime: ModelRuntime, asked: int) -> int:
+def window_for(core: InferenceCore, runtime: ModelDevice, asked: int) -> int:
     """The samples a stream may have in flight: what it asked for (0: the most),
     at most two device calls' worth, and never more than the model's queue holds,
     so a stream is never refused for a full queue by its own frames alone.
@@ -118,7 +118,7 @@ class _Stream:
         name = request.model.name
         method = request.explanation.method or VANILLA
         # As for Explain: an unknown method is labelled "" so callers cannot grow the labels.
-        label_call(name, method if method in METHODS else "")
+        label_call(name, method if method in catalog.METHODS else "")
         try:
             # The version is resolved once: a stream is answered by one version, even if
             # a newer one is loaded while it runs.

@@ -163,3 +163,35 @@ def explain(
         **fixed,
         **post,
     )
+
+
+@pytest.mark.parametrize(
+    ("method", "option", "values"),
+    [
+        ("smoothgrad", "samples", [1, 2, 3, 5, 8, 13, 21]),
+        ("integrated-gradients", "steps", [1, 2, 3, 5, 8, 13, 21]),
+    ],
+)
+def test_every_count_of_samples_or_steps_reuses_one_graph(
+    running: Any, method: str, option: str, values: list[int]
+) -> None:
+    # Counts are tensor arguments: a new count traces nothing (each used to trace a
+    # graph of its own: 0.3 s and more memory per count), and each still computes
+    # its own count (the echo, and maps that differ from count to count).
+    runtime = running.server.core.repository.get("convnet")
+    x = images(2, 7)
+    with running.client() as client:
+        raw = {"seed": 1, "normalize": False}
+        first = client.explain("convnet", x, method=method, **raw, **{option: values[0]})
+        graphs, before = runtime.traces, live_traces()
+        maps = [first.maps]
+        for value in values[1:]:
+            result = client.explain("convnet", x, method=method, **raw, **{option: value})
+            assert getattr(result.resolved, option) == value
+            maps.append(result.maps)
+    assert runtime.traces == graphs, f"{method}: a new {option} count traced a graph"
+    assert live_traces() == before, f"{method}: a new {option} count retraced a function"
+    # (Their agreement with each method's definition at a given count is checked in
+    # test_methods_noise_ig; here, that no two counts gave the same raw map.)
+    for a, b in itertools.pairwise(maps):
+        assert not np.array_equal(a["absolute"], b["absolute"])

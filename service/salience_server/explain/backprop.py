@@ -42,9 +42,10 @@ import tensorflow as tf
 
 from salience_server.errors import FailedPrecondition, InvalidArgument, allowed
 from salience_server.explain import ancestry, wrt
-from salience_server.explain.engine import Graph, Method, Plan
+from salience_server.explain.engine import Method
 from salience_server.explain.methods import common
 from salience_server.explain.options import ExplainOptions
+from salience_server.explain.plan import Graph, Plan
 from salience_server.explain.targets import TargetResolver, activation_name
 
 if TYPE_CHECKING:
@@ -179,12 +180,7 @@ def unsupported_layers(model: keras.Model) -> tuple[str, ...]:
 
 
 def _unsupported(runtime: ModelRuntime) -> tuple[str, ...]:
-    with runtime._lock:
-        key = ("backprop-scan",)
-        if key not in runtime.derived:
-            runtime.derived[key] = unsupported_layers(runtime.model)
-        result: tuple[str, ...] = runtime.derived[key]
-        return result
+    return runtime.derive(("backprop-scan",), lambda: unsupported_layers(runtime.model))
 
 
 def supported_modifiers(runtime: ModelRuntime) -> tuple[str, ...]:
@@ -284,23 +280,18 @@ class _Modified:
 
 def _modified(runtime: ModelRuntime, name: str) -> _Modified:
     """The runtime's copy for modifier `name`, built once and kept."""
-    with runtime._lock:
-        key = ("backprop-copy", name)
-        entry = runtime.derived.get(key)
-        if entry is None:
-            model = build_modified_model(runtime.model, BACKPROP_MODIFIERS[name])
-            if [layer.name for layer in model.layers] != [
-                layer.name for layer in runtime.model.layers
-            ]:
-                # Layer indices key targets and graphs: the copy must keep them.
-                raise FailedPrecondition(
-                    f"explanation.backprop_modifier={name!r}: the modified copy of model "
-                    f"{runtime.name!r} does not keep its layers in order"
-                )
-            entry = _Modified(model, TargetResolver(model))
-            runtime.derived[key] = entry
-        assert isinstance(entry, _Modified)
-        return entry
+
+    def make() -> _Modified:
+        model = build_modified_model(runtime.model, BACKPROP_MODIFIERS[name])
+        if [layer.name for layer in model.layers] != [layer.name for layer in runtime.model.layers]:
+            # Layer indices key targets and graphs: the copy must keep them.
+            raise FailedPrecondition(
+                f"explanation.backprop_modifier={name!r}: the modified copy of model "
+                f"{runtime.name!r} does not keep its layers in order"
+            )
+        return _Modified(model, TargetResolver(model))
+
+    return runtime.derive(("backprop-copy", name), make)
 
 
 def model_for(runtime: ModelRuntime, graph: Graph) -> keras.Model:
@@ -332,7 +323,7 @@ def explain_model(runtime: ModelRuntime, graph: Graph, layers: Sequence[int] = (
         # No Keras graph to cut (a SavedModel signature): the targets are outputs, and
         # layer options were refused before planning.
         return runtime.output_model(graph.targets)
-    with runtime._lock:
+    with runtime.exclusive():
         model = model_for(runtime, graph)
         resolver = resolver_for(runtime, graph)
         tensors = [resolver.tensor(t) for t in graph.targets]

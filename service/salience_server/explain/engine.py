@@ -16,20 +16,21 @@ requests between the first and the last:
    normalisation, quantisation); only these final maps are copied to the host.
 
 Everything that changes the traced graph is in `Graph`; everything in `params`
-and `Post` may differ between requests batched together.
+and `Post` may differ between requests batched together. Those three types live in
+`explain.plan`, which imports no TensorFlow: the batcher and the protocol layer
+handle plans without it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tensorflow as tf
 
-from salience_server.explain.options import ExplainOptions, ResolvedExplanation
-from salience_server.explain.targets import Target
+from salience_server.explain.options import ExplainOptions
+from salience_server.explain.plan import Graph, Plan
 
 if TYPE_CHECKING:
     from salience_server.runtime import ModelRuntime
@@ -37,48 +38,6 @@ if TYPE_CHECKING:
 Tensors = tuple[tf.Tensor, ...]
 RawTensors = dict[str, tf.Tensor]
 DeviceFunction = Callable[[Tensors, Mapping[str, tf.Tensor]], tuple[Tensors, RawTensors]]
-
-
-@dataclass(frozen=True)
-class Graph:
-    """What shapes a compiled explanation function. Requests with equal graphs
-    can share one device call; the runtime keeps one trace per graph.
-    """
-
-    method: str
-    targets: tuple[Target, ...] = ()
-    input_index: int = 0
-    backprop_modifier: str = ""
-    wrt: int | None = None  # layer index; None: the input
-    penultimate: int | None = None  # layer index, CAM methods only
-    samples: int = 0
-    steps: int = 0
-    # Method-specific static options that change the graph (hashable).
-    extra: tuple[Any, ...] = ()
-    # (layers, seed) of a randomised copy of the model to explain instead (sanity
-    # check); None: the trained model. The runtime builds the function on that copy.
-    randomize: tuple[int, int] | None = None
-
-
-@dataclass(frozen=True)
-class Post:
-    """Per-request post-processing; may differ between requests in one batch."""
-
-    grad_modifiers: tuple[str, ...]
-    keepdims: bool
-    normalize: bool
-    output_dtype: str
-
-
-@dataclass
-class Plan:
-    """One request, ready to be computed alone or inside a batch."""
-
-    graph: Graph
-    params: dict[str, np.ndarray]  # per-sample, batch-first
-    post: Post
-    resolved: ResolvedExplanation
-    batch: int
 
 
 class Method:
@@ -99,6 +58,14 @@ class Method:
     def plan(self, runtime: ModelRuntime, options: ExplainOptions, batch: int) -> Plan:
         """Checks options against the model; raises InvalidArgument/FailedPrecondition."""
         raise NotImplementedError
+
+    def fresh(self, plan: Plan, options: ExplainOptions) -> Plan:
+        """The plan for another request with the same options (the runtime caches
+        plans by options and batch size): what `plan` draws per request, such as
+        SmoothGrad's seed when the request sets none, drawn anew. Cheap and
+        lock-free: it runs on the event loop.
+        """
+        return plan
 
     def build(
         self, runtime: ModelRuntime, graph: Graph, param_specs: dict[str, tf.TensorSpec]

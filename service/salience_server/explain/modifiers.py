@@ -13,6 +13,8 @@ from functools import lru_cache
 
 import tensorflow as tf
 
+from salience_server.explain import catalog
+
 EPSILON = 1e-7
 
 GradModifier = Callable[[tf.Tensor], tf.Tensor]
@@ -25,6 +27,7 @@ GRAD_MODIFIERS: dict[str, GradModifier] = {
     "invert": lambda g: 1.0 / (g + EPSILON),
     "small_values": lambda g: tf.abs(1.0 / (g + EPSILON)),
 }
+catalog.check_implemented("grad modifiers", GRAD_MODIFIERS, catalog.grad_modifiers())
 
 # Output dtypes by the wire codec's short names.
 _OUTPUT_DTYPES = {"float32": tf.float32, "float16": tf.float16, "uint8": tf.uint8}

@@ -33,8 +33,8 @@ import keras
 import numpy as np
 
 from salience_server.errors import FailedPrecondition, InvalidArgument
-from salience_server.explain.engine import Graph
 from salience_server.explain.options import ExplainOptions
+from salience_server.explain.plan import Graph
 
 if TYPE_CHECKING:
     from salience_server.runtime import ModelRuntime
@@ -110,14 +110,12 @@ def randomized_copy(model: keras.Model, layers: int, seed: int) -> keras.Model:
 def copy_runtime(runtime: ModelRuntime, layers: int, seed: int) -> ModelRuntime:
     """The runtime of the randomised copy, built once per (layers, seed) and cached.
 
-    Call with `runtime._lock` held. Evicting a copy also drops the parent's compiled
+    Call inside `runtime.exclusive()`. Evicting a copy also drops the parent's compiled
     functions built on it, so the bound holds for the memory they keep alive.
     """
     from salience_server.runtime import ModelRuntime
 
-    cache: OrderedDict[tuple[int, int], ModelRuntime] = runtime.derived.setdefault(
-        _CACHE_KEY, OrderedDict()
-    )
+    cache: OrderedDict[tuple[int, int], ModelRuntime] = runtime.derive(_CACHE_KEY, OrderedDict)
     key = (layers, seed)
     twin = cache.get(key)
     if twin is not None:

@@ -11,7 +11,6 @@ arguments, and only the set of target tensors shapes the graph.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import keras
@@ -19,6 +18,7 @@ import numpy as np
 
 from salience_server.errors import FailedPrecondition, InvalidArgument, allowed
 from salience_server.explain.options import LayerSelector, Objective, ResolvedObjective
+from salience_server.explain.plan import Target
 
 # Final activations whose output can be raised by lowering the other units; the
 # score is taken on their pre-activation unless the caller keeps the activation.
@@ -161,17 +161,6 @@ def nested_layer(
     path, layer = found[0]
     index = next(i for i, outer in enumerate(model.layers) if outer.name == path[0])
     return index, path[1:], layer
-
-
-@dataclass(frozen=True)
-class Target:
-    """A tensor of the explain graph that scores are read from."""
-
-    layer_index: int
-    used_logits: bool
-    # Names of the layer inside the sub-model at `layer_index` (any depth); empty
-    # for a top-level layer.
-    path: tuple[str, ...] = ()
 
 
 class TargetResolver:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from salience_server.explain import catalog
 from salience_server.explain.engine import Method
 from salience_server.explain.methods.cam import GradCam, GradCamPlusPlus, GuidedGradCam
 from salience_server.explain.methods.gradient_x_input import GradientXInput
@@ -21,3 +22,9 @@ METHODS: dict[str, Method] = {
         GuidedGradCam(),
     )
 }
+catalog.check_implemented("methods", METHODS, catalog.METHODS)
+catalog.check_implemented(
+    "default grad modifiers",
+    [m.default_grad_modifier for m in METHODS.values()],
+    catalog.METHODS.values(),
+)

@@ -53,7 +53,7 @@ import tensorflow as tf
 
 from salience_server.errors import FailedPrecondition, InvalidArgument, allowed
 from salience_server.explain import ancestry, backprop, modifiers
-from salience_server.explain.engine import DeviceFunction, Graph, Method, Plan, RawTensors
+from salience_server.explain.engine import DeviceFunction, Method, RawTensors
 from salience_server.explain.methods import common
 from salience_server.explain.options import (
     GRADCAM,
@@ -61,6 +61,7 @@ from salience_server.explain.options import (
     GUIDED_GRADCAM,
     ExplainOptions,
 )
+from salience_server.explain.plan import Graph, Plan
 from salience_server.explain.targets import Target, resolve_layer
 from salience_server.explain.wrt import field_value
 
@@ -122,12 +123,7 @@ def candidates(runtime: ModelRuntime, targets: Sequence[Target], input_index: in
 
 def _unsupported_reason(runtime: ModelRuntime) -> str | None:
     """Why no CAM can be computed for this model at all (cached on the runtime)."""
-    with runtime._lock:
-        key = ("cam-scan",)
-        if key not in runtime.derived:
-            runtime.derived[key] = _find_unsupported_reason(runtime)
-        reason: str | None = runtime.derived[key]
-        return reason
+    return runtime.derive(("cam-scan",), lambda: _find_unsupported_reason(runtime))
 
 
 def _find_unsupported_reason(runtime: ModelRuntime) -> str | None:

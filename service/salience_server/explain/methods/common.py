@@ -13,8 +13,9 @@ import tensorflow as tf
 
 from salience_server.errors import FailedPrecondition, InvalidArgument
 from salience_server.explain import modifiers
-from salience_server.explain.engine import Graph, Method, Plan, Post, RawTensors, per_sample
+from salience_server.explain.engine import Method, RawTensors, per_sample
 from salience_server.explain.options import ExplainOptions, ResolvedExplanation
+from salience_server.explain.plan import Graph, Plan, Post
 from salience_server.explain.targets import Target
 
 if TYPE_CHECKING:

@@ -30,6 +30,11 @@ from salience_server.explain.methods import common
 # 128 rows needs a few GiB; larger batches only amortise kernel launches further.
 CHUNK_ROWS = 128
 
+# The per-sample param holding a request's count of copies (samples, or steps + 1
+# points): a tensor, so that every count runs in one traced graph. Requests share a
+# device call only with equal counts (`Plan.share`).
+COPIES = "copies"
+
 Perturb = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor]
 """(explained input rows, sample index per row, copy index per row) → copy rows."""
 
@@ -55,7 +60,7 @@ def sum_over_copies(
     explained: int,
     n_targets: int,
     params: Mapping[str, tf.Tensor],
-    copies: int,
+    copies: int | tf.Tensor,
     perturb: Perturb,
     contribute: Contribute,
     totals: dict[str, tf.Tensor],
@@ -67,12 +72,15 @@ def sum_over_copies(
     per-sample objective weights, `totals` the per-sample accumulators (B, ...).
     With `static_chunks` (for XLA, which compiles only shapes it knows when it
     compiles) every chunk holds the same number of copies, the largest divisor of
-    `copies` that fits, so no chunk's shape depends on the loop.
+    `copies` that fits, so no chunk's shape depends on the loop; `copies` must then
+    be a Python int (XLA graphs are traced per count). Otherwise it may be a scalar
+    tensor (`copy_count`).
     """
     x = inputs[explained]
     batch = tf.shape(x)[0]
     per_chunk = tf.maximum(1, CHUNK_ROWS // tf.maximum(batch, 1))
     if static_chunks:
+        assert isinstance(copies, int), "static chunks need a count known when traced"
         divisors = tf.constant([d for d in range(1, copies + 1) if copies % d == 0])
         per_chunk = tf.reduce_max(tf.where(divisors <= per_chunk, divisors, 1))
     samples = tf.range(batch)
@@ -113,6 +121,13 @@ def sum_over_copies(
         ),
     )
     return dict(zip(keys, result[1:], strict=True))
+
+
+def copy_count(static: int, params: Mapping[str, tf.Tensor]) -> int | tf.Tensor:
+    """A graph's count of copies: its static count when it was traced per count (XLA),
+    else the call's `COPIES` param (equal for every sample of a call).
+    """
+    return static if static else tf.reduce_max(params[COPIES])
 
 
 def zeros_like_float(x: tf.Tensor) -> tf.Tensor:

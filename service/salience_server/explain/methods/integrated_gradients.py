@@ -35,16 +35,10 @@ import tensorflow as tf
 
 from salience_server.errors import InvalidArgument
 from salience_server.explain import backprop
-from salience_server.explain.engine import (
-    DeviceFunction,
-    Graph,
-    Method,
-    Plan,
-    RawTensors,
-    per_sample,
-)
+from salience_server.explain.engine import DeviceFunction, Method, RawTensors, per_sample
 from salience_server.explain.methods import common, copies
 from salience_server.explain.options import DEFAULT_STEPS, INTEGRATED_GRADIENTS, ExplainOptions
+from salience_server.explain.plan import Graph, Plan
 
 if TYPE_CHECKING:
     from salience_server.runtime import ModelRuntime
@@ -61,6 +55,17 @@ def trapezoid_weights(steps: int) -> np.ndarray:
     weights = np.full(steps + 1, 1.0 / steps, dtype=np.float64)
     weights[[0, -1]] /= 2
     return weights.astype(np.float32)
+
+
+def path_weights(steps: tf.Tensor) -> tf.Tensor:
+    """`trapezoid_weights` computed in the graph for a step count it takes as a tensor,
+    in float64 as there, so the two agree to the last bit.
+    """
+    count = tf.cast(steps, tf.float64)
+    weights = tf.ones([steps + 1], tf.float64) / count
+    ends = tf.reduce_sum(tf.one_hot(tf.stack([0, steps]), steps + 1, dtype=tf.float64), axis=0)
+    halved = tf.where(ends > 0, tf.constant(0.5, tf.float64), tf.constant(1.0, tf.float64))
+    return tf.cast(weights * halved, tf.float32)
 
 
 def checked_baseline(
@@ -121,9 +126,19 @@ class IntegratedGradients(Method):
             # The sample shape keys the graph: the param's signature is fixed at trace
             # time, and inputs with free axes may come in other sizes.
             extra = (BASELINE, tuple(baseline.shape[1:]))
+        # The count is a tensor argument (one trace for every count), except under XLA,
+        # which compiles chunk shapes it must know: there each count is a graph.
         plan = backprop.plan_gradient(
-            runtime, self, options, batch, with_wrt=False, steps=steps, extra=extra
+            runtime,
+            self,
+            options,
+            batch,
+            with_wrt=False,
+            steps=steps if runtime.placement.xla else 0,
+            extra=extra,
         )
+        plan.params[copies.COPIES] = per_sample(np.array(steps + 1, np.int32), batch)
+        plan.share = (steps,)
         if baseline is not None:
             plan.params[BASELINE] = baseline
         plan.resolved = dataclasses.replace(plan.resolved, steps=steps)
@@ -135,14 +150,16 @@ class IntegratedGradients(Method):
         model = backprop.explain_model(runtime, graph)
         n_targets = len(graph.targets)
         explained = graph.input_index
-        steps = graph.steps
         zeros = graph.extra == (ZEROS,)
-        weights = tf.constant(trapezoid_weights(steps))
+        static_weights = tf.constant(trapezoid_weights(graph.steps)) if graph.steps else None
 
         @tf.function(input_signature=[runtime.input_specs, param_specs])
         def integrated(inputs: tuple[tf.Tensor, ...], params: Mapping[str, tf.Tensor]) -> Any:
             runtime.count_trace()
             x = inputs[explained]
+            points = copies.copy_count(graph.steps + 1 if graph.steps else 0, params)
+            steps = points - 1
+            weights = static_weights if static_weights is not None else path_weights(steps)
             baseline = tf.zeros_like(x) if zeros else params[BASELINE]
             batch = tf.shape(x)[0]
             # One forward pass over [x; x'] gives the predictions and both end scores.
@@ -172,7 +189,7 @@ class IntegratedGradients(Method):
                 explained,
                 n_targets,
                 params,
-                steps + 1,
+                points,
                 perturb,
                 contribute,
                 {"mean": copies.zeros_like_float(x)},

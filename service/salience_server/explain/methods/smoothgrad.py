@@ -37,14 +37,7 @@ import tensorflow as tf
 
 from salience_server.errors import InvalidArgument
 from salience_server.explain import backprop, modifiers
-from salience_server.explain.engine import (
-    DeviceFunction,
-    Graph,
-    Method,
-    Plan,
-    RawTensors,
-    per_sample,
-)
+from salience_server.explain.engine import DeviceFunction, Method, RawTensors, per_sample
 from salience_server.explain.methods import common, copies
 from salience_server.explain.options import (
     DEFAULT_NOISE,
@@ -52,6 +45,7 @@ from salience_server.explain.options import (
     SMOOTHGRAD,
     ExplainOptions,
 )
+from salience_server.explain.plan import Graph, Plan
 
 if TYPE_CHECKING:
     from salience_server.runtime import ModelRuntime
@@ -123,19 +117,33 @@ class SmoothGrad(Method):
         # (8 x 16 x 224x224x3 floats = 77 MB) where this keeps one accumulator per
         # modifier. Requests asking for other modifier sets just use another graph.
         grad_modifiers = common.post(self, options).grad_modifiers
+        # The count is a tensor argument (one trace for every count), except under XLA,
+        # which compiles chunk shapes it must know: there each count is a graph.
         plan = backprop.plan_gradient(
             runtime,
             self,
             options,
             batch,
             with_wrt=False,
-            samples=samples,
+            samples=samples if runtime.placement.xla else 0,
             extra=tuple(sorted(grad_modifiers)),
         )
+        plan.params[copies.COPIES] = per_sample(np.array(samples, np.int32), batch)
+        plan.share = (samples,)
         plan.params[SEED] = per_sample(philox_key(seed), batch)
         plan.params[NOISE] = per_sample(np.array(noise, np.float32), batch)
         plan.resolved = dataclasses.replace(plan.resolved, seed=seed, samples=samples, noise=noise)
         return plan
+
+    def fresh(self, plan: Plan, options: ExplainOptions) -> Plan:
+        if options.seed is not None:
+            return plan  # the request's own seed: the same noise every time
+        seed = secrets.randbits(63)
+        params = dict(plan.params)
+        params[SEED] = per_sample(philox_key(seed), plan.batch)
+        return dataclasses.replace(
+            plan, params=params, resolved=dataclasses.replace(plan.resolved, seed=seed)
+        )
 
     def build(
         self, runtime: ModelRuntime, graph: Graph, param_specs: dict[str, tf.TensorSpec]
@@ -143,13 +151,13 @@ class SmoothGrad(Method):
         model = backprop.explain_model(runtime, graph)
         n_targets = len(graph.targets)
         explained = graph.input_index
-        samples = graph.samples
         grad_modifiers: tuple[str, ...] = graph.extra
 
         @tf.function(input_signature=[runtime.input_specs, param_specs])
         def smoothgrad(inputs: tuple[tf.Tensor, ...], params: Mapping[str, tf.Tensor]) -> Any:
             runtime.count_trace()
             x = inputs[explained]
+            samples = copies.copy_count(graph.samples, params)
             outputs = copies.call_model(model, inputs)[n_targets:]
             axes = list(range(1, len(x.shape)))
             spread = tf.cast(tf.reduce_max(x, axes) - tf.reduce_min(x, axes), tf.float32)
@@ -183,7 +191,8 @@ class SmoothGrad(Method):
                 {m: copies.zeros_like_float(x) for m in grad_modifiers},
                 static_chunks=runtime.placement.xla,
             )
-            raw = {f"{MEAN}{m}": totals[m] / float(samples) for m in grad_modifiers}
+            count = tf.cast(samples, tf.float32)
+            raw = {f"{MEAN}{m}": totals[m] / count for m in grad_modifiers}
             return tuple(outputs), raw
 
         return smoothgrad
