@@ -26,9 +26,7 @@ from tests.unit.server.fake_device import POISON, SumDevice
 
 
 def make_core(device: SumDevice, **settings: object) -> InferenceCore:
-    core = InferenceCore(
-        None, Settings.load(settings, environ={}), Metrics(CollectorRegistry())
-    )
+    core = InferenceCore(None, Settings.load(settings, environ={}), Metrics(CollectorRegistry()))
     core.expect([device.name])
     core.attach(ModelRepository({device.name: {device.version: device}}))  # type: ignore[dict-item]
     core.set_ready(device.name)
@@ -46,9 +44,7 @@ def test_every_request_gets_its_own_rows_in_shared_device_calls() -> None:
         core = make_core(device, max_queue_delay_ms=20.0)
         sizes = [1 + k % 5 for k in range(64)]
         inputs = [rows(k, n) for k, n in enumerate(sizes)]
-        answers = await asyncio.gather(
-            *(core.predict("sum", 0, {"x": x}) for x in inputs)
-        )
+        answers = await asyncio.gather(*(core.predict("sum", 0, {"x": x}) for x in inputs))
         for x, (_, outputs) in zip(inputs, answers, strict=True):
             np.testing.assert_array_equal(outputs[0], x.sum(axis=1, keepdims=True))
         await core.aclose()
