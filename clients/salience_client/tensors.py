@@ -112,12 +112,14 @@ def decode(tensor: pb.Tensor, field: str = "tensor") -> np.ndarray:
     shape = checked_shape(tensor.shape, dt.itemsize, field)
     count = math.prod(shape)
     expected = count * dt.itemsize
-    if len(tensor.data) != expected:
+    # Read once: each read of a bytes field copies it out of the message.
+    data = tensor.data
+    if len(data) != expected:
         raise TensorError(
-            f"{field}.data has {len(tensor.data)} bytes, but dtype {dtype_name(tensor.dtype)} "
+            f"{field}.data has {len(data)} bytes, but dtype {dtype_name(tensor.dtype)} "
             f"× shape {list(shape)} needs {expected}"
         )
-    array = np.frombuffer(tensor.data, dtype=dt, count=count).reshape(shape)
+    array = np.frombuffer(data, dtype=dt, count=count).reshape(shape)
     if dt.byteorder == "<" and not dt.isnative:
         array = array.astype(dt.newbyteorder("="))
     return array

@@ -112,8 +112,8 @@ class SalienceServer:
         else:
             self._idle.set()
 
-    def _known_models(self) -> set[str]:
-        return set() if self.core is None else self.core.repository.known()
+    def _known_models(self, name: str) -> bool:
+        return self.core is not None and self.core.repository.knows(name)
 
     def _version_states(self) -> list[tuple[str, str]]:
         """(model, state) for every version, as ListModels reports them: a loaded

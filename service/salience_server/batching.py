@@ -172,6 +172,10 @@ class Batcher:
         self._batch_size = metrics.batch_size.labels(model)
         self._batch_requests = metrics.batch_requests.labels(model)
         self._depth = metrics.queue_depth.labels(model)
+        # Series by kind, made on first use (a predict-only model shows no explain
+        # series), then reused: `labels()` costs more than the update.
+        self._samples: dict[str, Any] = {}
+        self._compute_seconds: dict[str, Any] = {}
         metrics.queue_capacity.labels(model).set(config.max_queue_size)
         # One thread: device calls of a model never overlap, so a batch never
         # competes with another for the device's memory or cores. It lives inside
@@ -423,7 +427,14 @@ class Batcher:
         stats.max_requests_per_call = max(stats.max_requests_per_call, requests)
         self._batch_size.observe(batch.rows)
         self._batch_requests.observe(requests)
-        self._metrics.samples.labels(self.runtime.name, batch.kind).inc(batch.rows)
+        samples = self._samples.get(batch.kind)
+        if samples is None:
+            samples = self._samples[batch.kind] = self._metrics.samples.labels(
+                self.runtime.name, batch.kind
+            )
+        samples.inc(batch.rows)
+        if batch.size > batch.rows:
+            self._metrics.padding.labels(self.runtime.name).inc(batch.size - batch.rows)
         loop = self._loop
         assert loop is not None  # set with the task that calls this
         work = self._device.submit(self._compute, batch)
@@ -537,9 +548,12 @@ class Batcher:
             except Exception as err:
                 outcomes.append((job, None, err))
             job.parts = []
-        self._metrics.compute_seconds.labels(runtime.name, batch.kind).observe(
-            time.perf_counter() - start
-        )
+        seconds = self._compute_seconds.get(batch.kind)
+        if seconds is None:
+            seconds = self._compute_seconds[batch.kind] = self._metrics.compute_seconds.labels(
+                runtime.name, batch.kind
+            )
+        seconds.observe(time.perf_counter() - start)
         return outcomes
 
     def _finish_together(

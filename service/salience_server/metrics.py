@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -35,6 +36,10 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        # Label children by label values, so a request's updates skip `labels()`;
+        # bounded as the label sets are (known models, methods, codes).
+        self._by_rpc: dict[str, tuple[Any, Any, Any]] = {}
+        self._call_children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
         # `model` is a model the repository knows, else "" (a caller cannot grow the
         # label set by naming models); `method` is the explanation method for
         # Explain, "predict" for Predict and "" for the other RPCs.
@@ -84,6 +89,13 @@ class Metrics:
             ["model", "kind"],
             registry=registry,
         )
+        self.padding = Counter(
+            "salience_padding_samples",
+            "Pad rows added to device calls to reach a batch bucket: device work that no "
+            "request asked for",
+            ["model"],
+            registry=registry,
+        )
         self.queue_wait_seconds = Histogram(
             "salience_queue_wait_seconds",
             "Time a request waits in its model's queue before its device call starts",
@@ -127,20 +139,44 @@ class Metrics:
             registry=registry,
         )
 
-    def observe(self, call: Call, known: Callable[[], Iterable[str]]) -> None:
-        """Counts an RPC as it starts and once it is answered; `known` gives the
-        models that may appear as a label.
+    def observe(self, call: Call, known: Callable[[str], bool]) -> None:
+        """Counts an RPC as it starts and once it is answered; `known(model)` says
+        whether a model may appear as a label.
         """
         if not call.done:
-            self.in_flight.labels(call.rpc).inc()
+            self._rpc_children(call.rpc)[0].inc()
             return
-        self.in_flight.labels(call.rpc).dec()
-        model = call.model if call.model and call.model in known() else ""
-        self.requests.labels(call.rpc, model, call.method, call.code.name).inc()
-        self.request_seconds.labels(call.rpc, model, call.method).observe(call.seconds)
-        self.request_bytes.labels(call.rpc).observe(call.request_bytes)
-        if call.code.name == "OK":
-            self.response_bytes.labels(call.rpc).observe(call.response_bytes)
+        in_flight, request_bytes, response_bytes = self._rpc_children(call.rpc)
+        in_flight.dec()
+        model = call.model if call.model and known(call.model) else ""
+        code = call.code.name
+        key = (call.rpc, model, call.method, code)
+        children = self._call_children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(*key),
+                self.request_seconds.labels(call.rpc, model, call.method),
+            )
+            self._call_children[key] = children
+        children[0].inc()
+        children[1].observe(call.seconds)
+        request_bytes.observe(call.request_bytes)
+        if code == "OK":
+            response_bytes.observe(call.response_bytes)
+
+    def _rpc_children(self, rpc: str) -> tuple[Any, Any, Any]:
+        """The per-RPC series, looked up once: `labels()` costs more than the update,
+        and this runs twice per request.
+        """
+        children = self._by_rpc.get(rpc)
+        if children is None:
+            children = (
+                self.in_flight.labels(rpc),
+                self.request_bytes.labels(rpc),
+                self.response_bytes.labels(rpc),
+            )
+            self._by_rpc[rpc] = children
+        return children
 
     def track_model_versions(self, read: Callable[[], Iterable[tuple[str, str]]]) -> None:
         """Adds `salience_model_versions{model, state}`: how many versions of each

@@ -525,6 +525,10 @@ class ModelRepository:
         """Every model served or failed."""
         return set(self._models) | {f.model for f in self._failures}
 
+    def knows(self, name: str) -> bool:
+        """Whether `name` is served or failed, without building `known()`."""
+        return name in self._models or any(f.model == name for f in self._failures)
+
     def _failure(self, name: str, version: int | None) -> LoadFailure | None:
         return next((f for f in self._failures if f.model == name and f.version == version), None)
 
