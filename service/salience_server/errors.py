@@ -293,6 +293,9 @@ class ErrorInterceptor(aio.ServerInterceptor):
 
     def __init__(self, observe: Observer = lambda call: None) -> None:
         self._observe = observe
+        # Wrapped handlers by (method, the handler it wraps): bounded by the methods
+        # served (a method no service has gets no handler and nothing is kept).
+        self._wrapped: dict[tuple[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
@@ -300,10 +303,20 @@ class ErrorInterceptor(aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is not None and handler.stream_stream is not None:
+        if handler is None:
+            return None
+        # The wrapper of a method's handler is made once: this runs for every call.
+        key = (handler_call_details.method, handler)
+        wrapped = self._wrapped.get(key)
+        if wrapped is None:
+            wrapped = self._wrapped[key] = self._wrap(handler_call_details.method, handler)
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
                 _guard_stream(
-                    handler_call_details.method,
+                    method,
                     handler.stream_stream,
                     self._observe,
                     handler.request_deserializer,
@@ -311,11 +324,11 @@ class ErrorInterceptor(aio.ServerInterceptor):
                 request_deserializer=None,  # parsed by the guard, message by message
                 response_serializer=handler.response_serializer,
             )
-        if handler is None or handler.unary_unary is None:
+        if handler.unary_unary is None:
             return handler
         return grpc.unary_unary_rpc_method_handler(
             _guard(
-                handler_call_details.method,
+                method,
                 handler.unary_unary,
                 self._observe,
                 handler.request_deserializer,
