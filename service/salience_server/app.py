@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -153,6 +155,10 @@ class SalienceServer:
         self.metrics.track_model_versions(self._version_states)
         limit = self.settings.max_message_bytes
         options: list[tuple[str, int]] = [
+            # The port is this server's alone: with gRPC's default SO_REUSEPORT a second
+            # server started on a taken port would bind it too and split the traffic
+            # silently; without it, that second bind fails and is refused (BindError).
+            ("grpc.so_reuseport", 0),
             ("grpc.max_send_message_length", limit),
             ("grpc.max_receive_message_length", limit),
             ("grpc.keepalive_permit_without_calls", 1),
@@ -195,7 +201,7 @@ class SalienceServer:
             else:
                 self.port = server.add_secure_port(address, security.credentials)
         except RuntimeError as err:  # grpcio reports a failed bind as a bare RuntimeError
-            raise OSError(f"cannot listen on {address}: {err}") from None
+            raise BindError("gRPC", address, "port", str(err)) from None
         for service in ("", SERVICE_NAME, *self._model_services(expected)):
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
@@ -204,7 +210,19 @@ class SalienceServer:
             device = self.placement.device
             self.metrics.track_device_memory(device, lambda: devices.memory_info(device))
         if self.settings.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve(self.settings.metrics_port, self.settings.host)
+            try:
+                self.metrics_port = self.metrics.serve(
+                    self.settings.metrics_port, self.settings.host
+                )
+            except OSError as err:
+                # Stopped before refusing: a started gRPC server left for the garbage
+                # collector fails noisily once the event loop is gone.
+                await server.stop(0)
+                self._server = None
+                address = f"{self.settings.host}:{self.settings.metrics_port}"
+                raise BindError(
+                    "metrics", address, "metrics_port", err.strerror or str(err)
+                ) from None
         log.info(
             "listening on %s:%d (%s; metrics on %s); loading %s from %s",
             self.settings.host,
@@ -370,6 +388,38 @@ class SalienceServer:
     async def wait_for_termination(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+def _held(address: str) -> bool:
+    """Whether something else listens on `address` (host:port) now: a plain bind of
+    it fails with EADDRINUSE.
+    """
+    host, _, port = address.rpartition(":")
+    try:
+        family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host.strip("[]"), int(port)))
+    except OSError as err:
+        return err.errno == errno.EADDRINUSE
+    except ValueError:
+        return False
+    return False
+
+
+class BindError(OSError):
+    """A port the server cannot listen on: names the setting that chose it, its
+    address, and what to do about it.
+    """
+
+    def __init__(self, what: str, address: str, setting: str, reason: str) -> None:
+        flag = "--" + setting.replace("_", "-")
+        env = "SALIENCE_" + setting.upper()
+        cause = "another process holds it" if _held(address) else reason
+        super().__init__(
+            f"cannot listen for {what} on {address} ({flag} / {env}): {cause}. "
+            f"Choose a free port with {flag} or {env} (0 picks one), or stop the process "
+            "that holds it"
+        )
 
 
 async def run(settings: Settings) -> None:

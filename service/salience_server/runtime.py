@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 import keras
@@ -526,6 +527,11 @@ class ModelRuntime:
                 self._derived[key] = make()
             value: T = self._derived[key]
             return value
+
+    @property
+    def derived(self) -> Mapping[Any, Any]:
+        """What `derive` made so far, by key (read-only: for tests and diagnostics)."""
+        return MappingProxyType(self._derived)
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
