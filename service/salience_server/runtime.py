@@ -298,7 +298,22 @@ class ModelRuntime:
         """The model's outputs for checked inputs."""
         with self.on_device():
             outputs = self._predict(tuple(tf.convert_to_tensor(x) for x in inputs))
-            return [o.numpy() for o in outputs]
+            host = [o.numpy() for o in outputs]
+        if not all(np.isfinite(o).all() for o in host if o.dtype.kind == "f"):
+            raise self._not_finite()
+        return host
+
+    def _not_finite(self) -> InvalidArgument:
+        """Inputs are finite (checked); outputs that are not mean the layers could
+        not compute on them: a compiled convolution on an input smaller than its
+        kernel gives an empty result, which pooling turns into NaN, where eager
+        Keras would have raised.
+        """
+        return InvalidArgument(
+            f"inputs do not fit model {self.name!r}: its layers fail on them (its outputs "
+            "are not finite: an input too small for its layers leaves them nothing to "
+            "compute on); send inputs the model accepts (GetModelMetadata lists their shapes)"
+        )
 
     # Explain ----------------------------------------------------------------
 
@@ -427,10 +442,14 @@ class ModelRuntime:
         """One device call of one graph on a (possibly merged) batch (engine step 2)."""
         fn = self._device_function(graph, params)
         with self.on_device():
-            return fn(
+            outputs, raw = fn(
                 tuple(tf.convert_to_tensor(x) for x in inputs),
                 {key: tf.convert_to_tensor(value) for key, value in params.items()},
             )
+            checks = [tf.reduce_all(tf.math.is_finite(o)) for o in outputs if o.dtype.is_floating]
+            if checks and not bool(tf.reduce_all(checks)):
+                raise self._not_finite()
+            return outputs, raw
 
     def finish(self, plan: Plan, outputs: Sequence[tf.Tensor], raw: RawTensors) -> ExplainResult:
         """A request's result from its own rows of a device call (engine step 3)."""
