@@ -18,6 +18,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gpu-check"
+# About 95 s on 2 busy cores (four processes import TensorFlow); the fixture's run
+# counts against its first test.
+pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
