@@ -19,6 +19,16 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# The device every test server computes on unless a test names one: `auto` (the
+# first GPU if any, else the CPU), `cpu` or `gpu`. scripts/gpu-check sets `gpu`, so
+# that a GPU TensorFlow cannot see fails start-up instead of running on the CPU.
+TEST_DEVICES = ("auto", "cpu", "gpu")
+TEST_DEVICE = os.environ.get("SALIENCE_TEST_DEVICE", "auto").strip().lower()
+if TEST_DEVICE not in TEST_DEVICES:
+    raise RuntimeError(
+        f"SALIENCE_TEST_DEVICE={TEST_DEVICE!r} is not allowed: use {', '.join(TEST_DEVICES)}"
+    )
+
 
 @dataclass
 class RunningServer:
@@ -85,7 +95,8 @@ def running_server(
     from salience_server.app import SalienceServer
     from salience_server.settings import Settings
 
-    values = {"host": "127.0.0.1", "port": 0, "metrics_port": -1, **settings}
+    values = {"host": "127.0.0.1", "port": 0, "metrics_port": -1, "device": TEST_DEVICE}
+    values.update(settings)
     if repository is not None:
         values["model_repository"] = repository
     server = SalienceServer(Settings(**values), registry=CollectorRegistry())

@@ -19,6 +19,9 @@ from salience_client import SalienceClient, SalienceError
 from salience_server.explain.methods import METHODS
 from tests.conftest import save_model
 
+# On the device the suite computes on: scripts/gpu-check runs these on a GPU.
+pytestmark = pytest.mark.gpu
+
 SHAPE = (10, 10, 3)
 BATCH = 8
 TOLERANCE = 1e-5

@@ -22,6 +22,9 @@ import pytest
 from tests.conftest import RunningServer, save_model
 from tests.integration.models import LINEAR_SHAPE
 
+# On the device the suite computes on: scripts/gpu-check runs these on a GPU.
+pytestmark = pytest.mark.gpu
+
 SHAPE = (12, 12, 3)
 CLASSES = 4
 # Small buckets: XLA compiles every bucket of every warmed function at start-up.

@@ -15,6 +15,9 @@ from salience_server.devices import Placement
 from salience_server.metrics import Metrics
 from salience_server.settings import Settings, SettingsError
 
+# scripts/gpu-check runs these on a GPU too (configure, placing, the real device).
+pytestmark = pytest.mark.gpu
+
 
 @pytest.mark.parametrize(
     ("setting", "gpus", "device"),
