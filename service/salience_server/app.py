@@ -52,7 +52,14 @@ from salience_server.oip import SERVICE_NAME as OIP_SERVICE_NAME
 from salience_server.oip import OipServicer
 from salience_server.plugins import load_plugins
 from salience_server.reload import RepositoryWatcher, cancel
-from salience_server.repository import LOADING, READY, ModelRepository, RepositoryError, scan
+from salience_server.repository import (
+    LOADING,
+    READY,
+    ModelRepository,
+    RepositoryError,
+    relative_paths,
+    scan,
+)
 from salience_server.security import load_security
 from salience_server.servicer import SalienceServicer
 from salience_server.settings import Settings
@@ -147,7 +154,11 @@ class SalienceServer:
         if self._repository is not None:
             expected = self._repository.names()
         else:
-            expected = sorted(await asyncio.to_thread(scan, self.repository_root))
+            expected = sorted(
+                await asyncio.to_thread(
+                    scan, self.repository_root, self.settings.allow_links_outside_repository
+                )
+            )
         self.core = InferenceCore(None, self.settings, self.metrics)
         self.core.expect(expected)
         self.metrics.track_model_versions(self._version_states)
@@ -233,7 +244,11 @@ class SalienceServer:
     def _load_repository(self) -> ModelRepository:
         """Loads the repository with the server's placement (blocking TensorFlow work)."""
         with devices.placing(self.placement):
-            return ModelRepository.load(self.repository_root, warm_up=False)
+            return ModelRepository.load(
+                self.repository_root,
+                warm_up=False,
+                allow_links_outside=self.settings.allow_links_outside_repository,
+            )
 
     async def _load(self) -> None:
         """Loads the models, warms each up and turns it SERVING; then the server."""
@@ -250,7 +265,8 @@ class SalienceServer:
             log.error(
                 "no model can be served: %s", err, exc_info=not isinstance(err, RepositoryError)
             )
-            core.fail_loading(str(err) or type(err).__name__)
+            # Told to clients: paths relative to the repository, never the server's.
+            core.fail_loading(relative_paths(str(err), self.repository_root) or type(err).__name__)
             if isinstance(err, RepositoryError):
                 raise
             raise RepositoryError(f"loading the models failed: {err}") from err
@@ -263,6 +279,7 @@ class SalienceServer:
                     await asyncio.to_thread(core.warm_up, runtime)
             except Exception as err:
                 reason = " ".join(str(err).split())[:300] or type(err).__name__
+                reason = relative_paths(reason, self.repository_root)
                 log.error("model %s failed to warm up: %s", name, reason, exc_info=True)
                 core.set_failed(name, reason)
                 continue
@@ -310,6 +327,7 @@ class SalienceServer:
             poll_seconds,
             placement=self.placement,
             on_serving=self._model_serving,
+            allow_links_outside=self.settings.allow_links_outside_repository,
         )
         await self.watcher.run()
 

@@ -97,6 +97,15 @@ class Settings:
             "in seconds; 0 turns hot reload off"
         ),
     )
+    allow_links_outside_repository: bool = field(
+        default=False,
+        metadata=_doc(
+            "Follow model directories, version directories and files of the model "
+            "repository that are links resolving outside it (true/false); off, they are "
+            "skipped with a warning (a config.toml so linked fails its model), so a link "
+            "cannot make the server read any file it can open"
+        ),
+    )
     host: str = field(default="0.0.0.0", metadata=_doc("Address the gRPC server binds"))
     port: int = field(default=50051, metadata=_doc("gRPC port; 0 picks a free one"))
     metrics_port: int = field(
