@@ -24,6 +24,9 @@ threads are drained and the models released — never the model before the calls
 device call in progress finishes first, so a process outlives its grace by at most
 one device call. Further signals change nothing: the grace already bounds the
 shutdown.
+
+Logs: repeated warnings (refused calls, under a flood) are rate-limited with a
+count of what was left out (`logs`).
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ from salience_server.core import InferenceCore
 from salience_server.demo import bundled_repository
 from salience_server.devices import Placement
 from salience_server.errors import Call, ErrorInterceptor
+from salience_server.logs import RepeatLimiter
+from salience_server.logs import install as install_limiter
 from salience_server.metrics import Metrics
 from salience_server.oip import SERVICE_NAME as OIP_SERVICE_NAME
 from salience_server.oip import OipServicer
@@ -60,7 +65,7 @@ from salience_server.repository import (
     relative_paths,
     scan,
 )
-from salience_server.security import load_security
+from salience_server.security import load_security, metrics_security
 from salience_server.servicer import SalienceServicer
 from salience_server.settings import Settings
 
@@ -147,6 +152,7 @@ class SalienceServer:
         """
         # First, so a bad certificate or token file stops start-up at once.
         security = await asyncio.to_thread(load_security, self.settings)
+        metrics_secured = await asyncio.to_thread(metrics_security, self.settings)
         # Before any TensorFlow op: memory growth can only be set on a fresh GPU.
         self.placement = await asyncio.to_thread(devices.configure, self.settings)
         # Plugins next: their modifiers must exist before models list what they support.
@@ -215,13 +221,21 @@ class SalienceServer:
             device = self.placement.device
             self.metrics.track_device_memory(device, lambda: devices.memory_info(device))
         if self.settings.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve(self.settings.metrics_port, self.settings.host)
+            self.metrics_port = self.metrics.serve(
+                self.settings.metrics_port,
+                self.settings.metrics_host or self.settings.host,
+                tls=metrics_secured.tls,
+                token_digests=metrics_secured.token_digests,
+            )
         log.info(
             "listening on %s:%d (%s; metrics on %s); loading %s from %s",
             self.settings.host,
             self.port,
             security.describe(),
-            self.metrics_port if self.metrics_port is not None else "off",
+            "off"
+            if self.metrics_port is None
+            else f"{self.metrics_port} ({metrics_secured.describe()}, "
+            f"{self.settings.metrics_host or self.settings.host})",
             ", ".join(expected) or "nothing",
             self.repository_root,
         )
@@ -368,6 +382,7 @@ class SalienceServer:
             await self.watcher.aclose()  # versions being retired, now without requests
         if self.core is not None:
             await self.core.aclose()
+        self.metrics.close()
         self._server = None
         log.info("stopped")
 
@@ -390,10 +405,15 @@ class SalienceServer:
             await self._server.wait_for_termination()
 
 
-async def run(settings: Settings) -> None:
-    """Serves until SIGTERM or SIGINT, then shuts down in order."""
+async def run(settings: Settings, limiter: RepeatLimiter | None = None) -> None:
+    """Serves until SIGTERM or SIGINT, then shuts down in order; `limiter`'s
+    summaries of the warnings it left out are written as their windows end.
+    """
     server = SalienceServer(settings)
     await server.start()
+    summaries = None
+    if limiter is not None and limiter.burst > 0:
+        summaries = asyncio.create_task(_summarise(limiter), name="salience-log-summaries")
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -405,14 +425,25 @@ async def run(settings: Settings) -> None:
     error = ready.exception() if ready.done() else None
     if error is not None:
         stopped.cancel()
+        if summaries is not None:
+            summaries.cancel()
         await server.stop(grace=0)
         raise error
     await stopped
     ready.cancel()
+    if summaries is not None:
+        summaries.cancel()
     log.info(
         "shutting down: finishing in-flight calls for up to %.1fs", settings.shutdown_grace_seconds
     )
     await server.stop()
+
+
+async def _summarise(limiter: RepeatLimiter) -> None:
+    """Writes the limiter's summaries as their windows end."""
+    while True:
+        await asyncio.sleep(limiter.window)
+        limiter.flush(expired_only=True)
 
 
 def serve(settings: Settings) -> None:
@@ -421,4 +452,8 @@ def serve(settings: Settings) -> None:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    asyncio.run(run(settings))
+    limiter = install_limiter(settings.log_repeat_burst, settings.log_repeat_window_seconds)
+    try:
+        asyncio.run(run(settings, limiter))
+    finally:
+        limiter.flush()  # what was left out since the last summary

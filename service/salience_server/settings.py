@@ -112,6 +112,38 @@ class Settings:
         default=8000,
         metadata=_doc("Prometheus /metrics HTTP port; 0 picks a free one, -1 turns it off"),
     )
+    metrics_host: str = field(
+        default="",
+        metadata=_doc(
+            "Address the /metrics HTTP server binds (such as 127.0.0.1 to keep it on the "
+            "machine, or a cluster-internal address); empty, the same as host"
+        ),
+    )
+    metrics_tls_cert_file: Path | None = field(
+        default=None,
+        metadata=_doc(
+            "PEM certificate chain of /metrics: set with metrics_tls_key_file, it is "
+            "served over HTTPS only; unset, plain HTTP"
+        ),
+    )
+    metrics_tls_key_file: Path | None = field(
+        default=None, metadata=_doc("PEM private key of metrics_tls_cert_file")
+    )
+    metrics_tls_client_ca_file: Path | None = field(
+        default=None,
+        metadata=_doc(
+            "PEM CA certificates for mutual TLS on /metrics: a scraper must present a "
+            "certificate they signed (needs metrics_tls_cert_file)"
+        ),
+    )
+    metrics_auth_token_file: Path | None = field(
+        default=None,
+        metadata=_doc(
+            "File of bearer tokens for /metrics, one per line (# comments), as "
+            "auth_token_file: a scrape without `Authorization: Bearer <token>` naming one "
+            "is answered 401; unset, no token is asked for"
+        ),
+    )
     tls_cert_file: Path | None = field(
         default=None,
         metadata=_doc(
@@ -260,6 +292,19 @@ class Settings:
     log_level: str = field(
         default="INFO", metadata=_doc("Logging level: DEBUG, INFO, WARNING or ERROR")
     )
+    log_repeat_burst: int = field(
+        default=10,
+        metadata=_doc(
+            "Warnings of one kind (same logger, level and message template, such as "
+            "refused calls from any peer) written per log_repeat_window_seconds; further "
+            "ones are counted, and one line per window says how many were not logged; "
+            "0 writes every one"
+        ),
+    )
+    log_repeat_window_seconds: float = field(
+        default=60.0,
+        metadata=_doc("The window of log_repeat_burst, in seconds"),
+    )
     plugins: tuple[str, ...] = field(
         default=(),
         metadata=_doc(
@@ -318,6 +363,21 @@ class Settings:
                 f"{given} is set without {missing}: TLS needs both the certificate and "
                 "its private key"
             )
+        if (self.metrics_tls_cert_file is None) != (self.metrics_tls_key_file is None):
+            given, missing = (
+                ("metrics_tls_cert_file", "metrics_tls_key_file")
+                if self.metrics_tls_key_file is None
+                else ("metrics_tls_key_file", "metrics_tls_cert_file")
+            )
+            raise SettingsError(
+                f"{given} is set without {missing}: TLS needs both the certificate and "
+                "its private key"
+            )
+        if self.metrics_tls_client_ca_file is not None and self.metrics_tls_cert_file is None:
+            raise SettingsError(
+                "metrics_tls_client_ca_file is set without metrics_tls_cert_file and "
+                "metrics_tls_key_file: mutual TLS needs the endpoint's own certificate and key"
+            )
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise SettingsError(
                 "tls_client_ca_file is set without tls_cert_file and tls_key_file: mutual "
@@ -372,6 +432,15 @@ class Settings:
         if self.shutdown_grace_seconds < 0:
             raise SettingsError(
                 f"shutdown_grace_seconds={self.shutdown_grace_seconds} must not be negative"
+            )
+        if self.log_repeat_burst < 0:
+            raise SettingsError(
+                f"log_repeat_burst={self.log_repeat_burst} must not be negative (0: no limit)"
+            )
+        if not 0 < self.log_repeat_window_seconds <= 86400:
+            raise SettingsError(
+                f"log_repeat_window_seconds={self.log_repeat_window_seconds} is out of range: "
+                "use more than 0, up to 86400"
             )
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise SettingsError(
