@@ -45,7 +45,7 @@ from prometheus_client import CollectorRegistry
 
 from inference.v2 import grpc_service_pb2_grpc
 from salience.v1 import salience_pb2, salience_pb2_grpc
-from salience_server import devices
+from salience_server import connections, devices
 from salience_server.core import InferenceCore
 from salience_server.demo import bundled_repository
 from salience_server.devices import Placement
@@ -168,8 +168,18 @@ class SalienceServer:
         self.core = InferenceCore(None, self.settings, self.metrics)
         self.core.expect(expected)
         self.metrics.track_model_versions(self._version_states)
+        # Before the port opens: a flood must meet the cap, not the descriptor limit.
+        before, fd_limit = connections.raise_fd_limit()
+        cap = connections.connection_cap(self.settings, fd_limit)
+        log.info(
+            "open-files limit %d%s; at most %d client connections",
+            fd_limit,
+            f" (raised from {before})" if fd_limit != before else "",
+            cap,
+        )
         limit = self.settings.max_message_bytes
         options: list[tuple[str, int]] = [
+            *connections.channel_options(self.settings, cap),
             ("grpc.max_send_message_length", limit),
             ("grpc.max_receive_message_length", limit),
             ("grpc.keepalive_permit_without_calls", 1),

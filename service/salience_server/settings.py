@@ -186,6 +186,35 @@ class Settings:
             "(HTTP/2 MAX_CONCURRENT_STREAMS); a client's further calls wait for one to end"
         ),
     )
+    max_connections: int = field(
+        default=0,
+        metadata=_doc(
+            "Client connections the gRPC port holds at once; more are closed as they "
+            "arrive. 0: the process's open-files limit (raised to its hard limit at "
+            "start-up) less reserved_file_descriptors"
+        ),
+    )
+    reserved_file_descriptors: int = field(
+        default=256,
+        metadata=_doc(
+            "File descriptors kept free of gRPC connections, for /metrics scrapes, model "
+            "files and logs, so a connection flood leaves them working"
+        ),
+    )
+    connection_handshake_timeout_seconds: float = field(
+        default=10.0,
+        metadata=_doc(
+            "Close a connection that has not finished its handshake (TLS, HTTP/2 preface "
+            "and settings) within this long, so silent connections free their place"
+        ),
+    )
+    connection_idle_seconds: float = field(
+        default=0.0,
+        metadata=_doc(
+            "Close a connection without calls for this long (GOAWAY; the client reconnects "
+            "when it next calls); 0 never closes idle connections"
+        ),
+    )
     max_message_bytes: int = field(
         default=64 * MIB,
         metadata=_doc(
@@ -387,6 +416,26 @@ class Settings:
             raise SettingsError(
                 f"max_connection_age_seconds={self.max_connection_age_seconds} is out of "
                 "range: use 0 (never) to 2592000 (30 days)"
+            )
+        if self.max_connections < 0:
+            raise SettingsError(
+                f"max_connections={self.max_connections} must not be negative (0: from the "
+                "open-files limit)"
+            )
+        if self.reserved_file_descriptors < 16:
+            raise SettingsError(
+                f"reserved_file_descriptors={self.reserved_file_descriptors} is too small: "
+                "use at least 16"
+            )
+        if not 0.1 <= self.connection_handshake_timeout_seconds <= 600:
+            raise SettingsError(
+                "connection_handshake_timeout_seconds="
+                f"{self.connection_handshake_timeout_seconds} is out of range: use 0.1 to 600"
+            )
+        if not 0 <= self.connection_idle_seconds <= 30 * 86400:
+            raise SettingsError(
+                f"connection_idle_seconds={self.connection_idle_seconds} is out of range: use "
+                "0 (never) to 2592000 (30 days)"
             )
         if self.max_message_bytes < 4 * MIB:
             raise SettingsError(
