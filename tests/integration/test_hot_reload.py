@@ -235,7 +235,8 @@ def test_a_corrupt_version_is_reported_and_the_served_one_keeps_serving(
         reason = metadata.version_status[1].reason
         # Keras's own words, naming the file.
         assert reason.startswith("ValueError: "), reason
-        assert str(repo / "m" / "3" / "model.keras") in reason
+        assert "m/3/model.keras" in reason  # relative to the repository
+        assert str(repo) not in reason
         assert "zip file" in reason
         (listed,) = client.list_models()
         assert [(s.version, s.state) for s in listed.version_status] == [(2, READY), (3, FAILED)]
