@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -54,11 +55,13 @@ class ServerProcess:
 
 @contextmanager
 def salience_serve(
-    repo: Path, flags: Sequence[str] = (), *, stop: str = "term"
+    repo: Path, flags: Sequence[str] = (), *, stop: str = "term", open_files: int | None = None
 ) -> Iterator[ServerProcess]:
     """`salience serve` on `repo` with `flags`, from the checkout (so that plugin
     modules of the test package import). `stop` is how a still-running process ends
-    with the block: "term" (SIGTERM, its graceful shutdown) or "kill".
+    with the block: "term" (SIGTERM, its graceful shutdown) or "kill". `open_files`
+    starts it with that soft open-files limit (the hard one unchanged), as systems
+    that start processes at 1024 do.
     """
     command = [
         sys.executable, "-m", "salience_client.cli", "serve",
@@ -67,8 +70,20 @@ def salience_serve(
     ]  # fmt: skip
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+
+    def limit() -> None:
+        if open_files is not None:
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, hard))
+
     process = subprocess.Popen(
-        command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=ROOT
+        command,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        preexec_fn=limit if open_files is not None else None,
     )
     log: list[str] = []
     stream = process.stderr

@@ -24,6 +24,9 @@ threads are drained and the models released — never the model before the calls
 device call in progress finishes first, so a process outlives its grace by at most
 one device call. Further signals change nothing: the grace already bounds the
 shutdown.
+
+Logs: repeated warnings (refused calls, under a flood) are rate-limited with a
+count of what was left out (`logs`).
 """
 
 from __future__ import annotations
@@ -44,18 +47,27 @@ from prometheus_client import CollectorRegistry
 
 from inference.v2 import grpc_service_pb2_grpc
 from salience.v1 import salience_pb2, salience_pb2_grpc
-from salience_server import devices
+from salience_server import connections, devices
 from salience_server.core import InferenceCore
 from salience_server.demo import bundled_repository
 from salience_server.devices import Placement
 from salience_server.errors import Call, ErrorInterceptor
+from salience_server.logs import RepeatLimiter
+from salience_server.logs import install as install_limiter
 from salience_server.metrics import Metrics
 from salience_server.oip import SERVICE_NAME as OIP_SERVICE_NAME
 from salience_server.oip import OipServicer
 from salience_server.plugins import load_plugins
 from salience_server.reload import RepositoryWatcher, cancel
-from salience_server.repository import LOADING, READY, ModelRepository, RepositoryError, scan
-from salience_server.security import load_security
+from salience_server.repository import (
+    LOADING,
+    READY,
+    ModelRepository,
+    RepositoryError,
+    relative_paths,
+    scan,
+)
+from salience_server.security import load_security, metrics_security
 from salience_server.servicer import SalienceServicer
 from salience_server.settings import Settings
 
@@ -142,6 +154,7 @@ class SalienceServer:
         """
         # First, so a bad certificate or token file stops start-up at once.
         security = await asyncio.to_thread(load_security, self.settings)
+        metrics_secured = await asyncio.to_thread(metrics_security, self.settings)
         # Before any TensorFlow op: memory growth can only be set on a fresh GPU.
         self.placement = await asyncio.to_thread(devices.configure, self.settings)
         # Plugins next: their modifiers must exist before models list what they support.
@@ -149,16 +162,30 @@ class SalienceServer:
         if self._repository is not None:
             expected = self._repository.names()
         else:
-            expected = sorted(await asyncio.to_thread(scan, self.repository_root))
+            expected = sorted(
+                await asyncio.to_thread(
+                    scan, self.repository_root, self.settings.allow_links_outside_repository
+                )
+            )
         self.core = InferenceCore(None, self.settings, self.metrics)
         self.core.expect(expected)
         self.metrics.track_model_versions(self._version_states)
+        # Before the port opens: a flood must meet the cap, not the descriptor limit.
+        before, fd_limit = connections.raise_fd_limit()
+        cap = connections.connection_cap(self.settings, fd_limit)
+        log.info(
+            "open-files limit %d%s; at most %d client connections",
+            fd_limit,
+            f" (raised from {before})" if fd_limit != before else "",
+            cap,
+        )
         limit = self.settings.max_message_bytes
         options: list[tuple[str, int]] = [
             # The port is this server's alone: with gRPC's default SO_REUSEPORT a second
             # server started on a taken port would bind it too and split the traffic
             # silently; without it, that second bind fails and is refused (BindError).
             ("grpc.so_reuseport", 0),
+            *connections.channel_options(self.settings, cap),
             ("grpc.max_send_message_length", limit),
             ("grpc.max_receive_message_length", limit),
             ("grpc.keepalive_permit_without_calls", 1),
@@ -212,14 +239,18 @@ class SalienceServer:
         if self.settings.metrics_port >= 0:
             try:
                 self.metrics_port = self.metrics.serve(
-                    self.settings.metrics_port, self.settings.host
+                    self.settings.metrics_port,
+                    self.settings.metrics_host or self.settings.host,
+                    tls=metrics_secured.tls,
+                    token_digests=metrics_secured.token_digests,
                 )
             except OSError as err:
                 # Stopped before refusing: a started gRPC server left for the garbage
                 # collector fails noisily once the event loop is gone.
                 await server.stop(0)
                 self._server = None
-                address = f"{self.settings.host}:{self.settings.metrics_port}"
+                host = self.settings.metrics_host or self.settings.host
+                address = f"{host}:{self.settings.metrics_port}"
                 raise BindError(
                     "metrics", address, "metrics_port", err.strerror or str(err)
                 ) from None
@@ -228,7 +259,10 @@ class SalienceServer:
             self.settings.host,
             self.port,
             security.describe(),
-            self.metrics_port if self.metrics_port is not None else "off",
+            "off"
+            if self.metrics_port is None
+            else f"{self.metrics_port} ({metrics_secured.describe()}, "
+            f"{self.settings.metrics_host or self.settings.host})",
             ", ".join(expected) or "nothing",
             self.repository_root,
         )
@@ -251,7 +285,11 @@ class SalienceServer:
     def _load_repository(self) -> ModelRepository:
         """Loads the repository with the server's placement (blocking TensorFlow work)."""
         with devices.placing(self.placement):
-            return ModelRepository.load(self.repository_root, warm_up=False)
+            return ModelRepository.load(
+                self.repository_root,
+                warm_up=False,
+                allow_links_outside=self.settings.allow_links_outside_repository,
+            )
 
     async def _load(self) -> None:
         """Loads the models, warms each up and turns it SERVING; then the server."""
@@ -268,7 +306,8 @@ class SalienceServer:
             log.error(
                 "no model can be served: %s", err, exc_info=not isinstance(err, RepositoryError)
             )
-            core.fail_loading(str(err) or type(err).__name__)
+            # Told to clients: paths relative to the repository, never the server's.
+            core.fail_loading(relative_paths(str(err), self.repository_root) or type(err).__name__)
             if isinstance(err, RepositoryError):
                 raise
             raise RepositoryError(f"loading the models failed: {err}") from err
@@ -281,6 +320,7 @@ class SalienceServer:
                     await asyncio.to_thread(core.warm_up, runtime)
             except Exception as err:
                 reason = " ".join(str(err).split())[:300] or type(err).__name__
+                reason = relative_paths(reason, self.repository_root)
                 log.error("model %s failed to warm up: %s", name, reason, exc_info=True)
                 core.set_failed(name, reason)
                 continue
@@ -328,6 +368,7 @@ class SalienceServer:
             poll_seconds,
             placement=self.placement,
             on_serving=self._model_serving,
+            allow_links_outside=self.settings.allow_links_outside_repository,
         )
         await self.watcher.run()
 
@@ -368,6 +409,7 @@ class SalienceServer:
             await self.watcher.aclose()  # versions being retired, now without requests
         if self.core is not None:
             await self.core.aclose()
+        self.metrics.close()
         self._server = None
         log.info("stopped")
 
@@ -422,10 +464,15 @@ class BindError(OSError):
         )
 
 
-async def run(settings: Settings) -> None:
-    """Serves until SIGTERM or SIGINT, then shuts down in order."""
+async def run(settings: Settings, limiter: RepeatLimiter | None = None) -> None:
+    """Serves until SIGTERM or SIGINT, then shuts down in order; `limiter`'s
+    summaries of the warnings it left out are written as their windows end.
+    """
     server = SalienceServer(settings)
     await server.start()
+    summaries = None
+    if limiter is not None and limiter.burst > 0:
+        summaries = asyncio.create_task(_summarise(limiter), name="salience-log-summaries")
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -437,14 +484,25 @@ async def run(settings: Settings) -> None:
     error = ready.exception() if ready.done() else None
     if error is not None:
         stopped.cancel()
+        if summaries is not None:
+            summaries.cancel()
         await server.stop(grace=0)
         raise error
     await stopped
     ready.cancel()
+    if summaries is not None:
+        summaries.cancel()
     log.info(
         "shutting down: finishing in-flight calls for up to %.1fs", settings.shutdown_grace_seconds
     )
     await server.stop()
+
+
+async def _summarise(limiter: RepeatLimiter) -> None:
+    """Writes the limiter's summaries as their windows end."""
+    while True:
+        await asyncio.sleep(limiter.window)
+        limiter.flush(expired_only=True)
 
 
 def serve(settings: Settings) -> None:
@@ -453,4 +511,8 @@ def serve(settings: Settings) -> None:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    asyncio.run(run(settings))
+    limiter = install_limiter(settings.log_repeat_burst, settings.log_repeat_window_seconds)
+    try:
+        asyncio.run(run(settings, limiter))
+    finally:
+        limiter.flush()  # what was left out since the last summary

@@ -122,6 +122,15 @@ def label_call(model: str, method: str) -> None:
         call.model, call.method = model, method
 
 
+class CallGone(Exception):
+    """Reading or writing a message of a call failed because the call is over: its
+    client cancelled it, closed the connection, or its deadline passed. gRPC reports
+    that as a failed batch (`aio.InternalError`) when the failure reaches the
+    handler before the news of the cancellation does; it is the caller's doing,
+    so it is counted as the cancellation it is, never as INTERNAL.
+    """
+
+
 Observer = Callable[[Call], None]
 """Told of each RPC twice: when it starts, and once answered (`Call.done`)."""
 
@@ -159,10 +168,13 @@ async def _observed(
     except aio.AbortError:
         answered(context.code() or grpc.StatusCode.UNKNOWN)
         raise
-    except asyncio.CancelledError:
+    except (asyncio.CancelledError, CallGone) as err:
         # A call cancelled by its deadline counts as its caller sees it.
         expired = deadline_passed(context.time_remaining(), budget)
         answered(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED)
+        if isinstance(err, CallGone):
+            # As gRPC itself ends a call its client cancelled: nothing more is sent.
+            raise asyncio.CancelledError from None
         raise
     except Exception:
         log.exception("unexpected failure in %s", method)
@@ -247,7 +259,10 @@ class _Counted:
         return self
 
     async def __anext__(self) -> Any:
-        request = await anext(self._requests)
+        try:
+            request = await anext(self._requests)
+        except aio.InternalError as err:  # see CallGone
+            raise CallGone(str(err)) from None
         if self._deserialize is None:
             self._call.request_bytes += request.ByteSize()
             return request
@@ -278,7 +293,10 @@ def _guard_stream(
             async with contextlib.aclosing(responses):
                 async for response in responses:
                     call.response_bytes += response.ByteSize()
-                    await context.write(response)
+                    try:
+                        await context.write(response)
+                    except aio.InternalError as err:  # see CallGone
+                        raise CallGone(str(err)) from None
 
         await _observed(method, call, context, observe, serve)
 

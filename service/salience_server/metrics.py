@@ -2,16 +2,33 @@
 
 Nothing registers globally, so every server (and every test) gets its own set.
 Latencies are histograms with their unit in the name.
+
+The /metrics endpoint (`Metrics.serve`) binds its own address
+(`metrics_host`, default the gRPC port's), and, like the gRPC port, may speak TLS
+(`metrics_tls_cert_file`, with client certificates: `metrics_tls_client_ca_file`)
+and ask for a bearer token (`metrics_auth_token_file`; Prometheus sends one with
+`authorization: {credentials_file: ...}`), since it shows model names, versions and
+traffic. It is bounded like the gRPC port: a connection that sends nothing for
+`METRICS_TIMEOUT_SECONDS` is closed, and at most `MAX_METRICS_CONNECTIONS` are
+served at once (more are closed at once), so a flood of silent connections holds
+neither its threads nor the process's file descriptors.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -40,6 +57,7 @@ class Metrics:
         # bounded as the label sets are (known models, methods, codes).
         self._by_rpc: dict[str, tuple[Any, Any, Any]] = {}
         self._call_children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
+        self._http: _MetricsServer | None = None  # the /metrics endpoint, once served
         # `model` is a model the repository knows, else "" (a caller cannot grow the
         # label set by naming models); `method` is the explanation method for
         # Explain, "predict" for Predict and "" for the other RPCs.
@@ -209,10 +227,139 @@ class Metrics:
         for key in ("current", "peak"):
             gauge.labels(device, key).set_function(stat(key))
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        """Exposes /metrics over HTTP on a daemon thread; returns the bound port."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
+    def serve(
+        self,
+        port: int,
+        host: str = "0.0.0.0",
+        *,
+        tls: ssl.SSLContext | None = None,
+        token_digests: Sequence[bytes] = (),
+    ) -> int:
+        """Exposes /metrics over HTTP (HTTPS with `tls`; asking for a bearer token
+        whose SHA-256 digest is one of `token_digests`, when given) on a daemon
+        thread; returns the bound port.
+        """
+        app = make_wsgi_app(self.registry)
+        if token_digests:
+            app = _bearer_guard(app, tuple(token_digests))
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        server_class = type("MetricsServer", (_MetricsServer,), {"address_family": family})
+        server: WSGIServer = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+        assert isinstance(server, _MetricsServer)
+        server.tls = tls
+        thread = threading.Thread(target=server.serve_forever, name="salience-metrics", daemon=True)
+        thread.start()
+        self._http = server
         return int(server.server_address[1])
+
+    def close(self) -> None:
+        """Stops the /metrics endpoint, if it was served."""
+        server, self._http = self._http, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+
+# A scrape that sends nothing (or does not finish its TLS handshake) this long is
+# dropped; Prometheus's own scrape timeout is 10 s by default.
+METRICS_TIMEOUT_SECONDS = 10.0
+# Scrapes served at once: a few scrapers need a handful; more are closed at once.
+MAX_METRICS_CONNECTIONS = 32
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No line per scrape on stderr; a time-out per connection."""
+
+    timeout = METRICS_TIMEOUT_SECONDS
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    """A thread per scrape, at most MAX_METRICS_CONNECTIONS at once; the TLS
+    handshake runs on that thread (never on the accepting one, which a silent
+    client would otherwise hold).
+    """
+
+    daemon_threads = True
+    tls: ssl.SSLContext | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_METRICS_CONNECTIONS)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = self.socket.accept()
+        if self.tls is not None:
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            if isinstance(request, ssl.SSLSocket):
+                request.settimeout(METRICS_TIMEOUT_SECONDS)
+                try:
+                    request.do_handshake()
+                except (OSError, ssl.SSLError):
+                    self.shutdown_request(request)
+                    return
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that went away or timed out is not the server's error.
+        log.debug("metrics request from %s failed", client_address, exc_info=True)
+
+
+Wsgi = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+MISSING_METRICS_TOKEN = (
+    b"this endpoint requires a bearer token: send `Authorization: Bearer <token>`\n"
+)
+WRONG_METRICS_TOKEN = b"the bearer token is not valid for this endpoint\n"
+
+
+def _bearer_guard(app: Wsgi, digests: tuple[bytes, ...]) -> Wsgi:
+    """`app`, answering 401 to a request without one of the tokens (compared by
+    SHA-256 digest, every one in constant time, as the gRPC port does).
+    """
+
+    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        scheme, _, credential = str(environ.get("HTTP_AUTHORIZATION", "")).partition(" ")
+        credential = credential.strip()
+        if scheme.lower() != "bearer" or not credential:
+            body = MISSING_METRICS_TOKEN
+        else:
+            presented = hashlib.sha256(credential.encode("utf-8", "replace")).digest()
+            matched = False
+            for digest in digests:
+                matched |= hmac.compare_digest(presented, digest)
+            if matched:
+                return app(environ, start_response)
+            body = WRONG_METRICS_TOKEN
+        start_response(
+            "401 Unauthorized",
+            [
+                ("Content-Type", "text/plain; charset=utf-8"),
+                ("WWW-Authenticate", 'Bearer realm="salience metrics"'),
+                ("Content-Length", str(len(body))),
+            ],
+        )
+        return [body]
+
+    return guarded
 
 
 class _VersionsCollector(Collector):

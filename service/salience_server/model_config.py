@@ -51,7 +51,10 @@ label count, operator-registered grad modifiers) is checked when it is loaded.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
+import os
+import stat
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -526,6 +529,41 @@ def _preprocess(top: _Table) -> PreprocessConfig:
     return config
 
 
+def special(mode: int) -> str:
+    """What a file of this mode is when it is neither a regular file nor a directory
+    (a FIFO, a socket, a device), else "".
+    """
+    for test, kind in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return kind
+    return "" if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else "not a regular file"
+
+
+def read_regular(path: Path) -> bytes:
+    """The bytes of a regular file; OSError for anything else. Opened without
+    blocking and checked on the open descriptor, so that a FIFO (whose read would
+    block for ever), even one put in the file's place after a check, is never read.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = special(mode) or "a directory"
+            raise OSError(errno.EINVAL, f"it is {kind}, not a regular file")
+        os.set_blocking(fd, True)
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def _safe_relative(model_dir: Path, name: str, key: str) -> Path:
     """A file named in the configuration, which must stay inside the model directory."""
     relative = Path(name)
@@ -544,7 +582,7 @@ def _safe_relative(model_dir: Path, name: str, key: str) -> Path:
     root = model_dir.resolve()
     if not path.resolve().is_relative_to(root):
         raise ModelConfigError(
-            f"{key}={name!r} leads outside the model directory {str(model_dir)!r}: "
+            f"{key}={name!r} leads outside the model directory {model_dir.name!r}: "
             "keep the file inside it"
         )
     return path
@@ -557,7 +595,7 @@ def _read_labels_file(path: Path, key: str, name: str) -> tuple[str, ...]:
             raise ModelConfigError(
                 f"{key}={name!r} is {size} bytes, over the {MAX_LABELS_FILE_BYTES} allowed"
             )
-        text = path.read_text(encoding="utf-8")
+        text = read_regular(path).decode("utf-8")
     except FileNotFoundError:
         raise ModelConfigError(f"{key}={name!r} does not exist in the model directory") from None
     except UnicodeDecodeError:
@@ -666,10 +704,10 @@ def load_model_config(model_dir: Path) -> ModelConfig:
     cannot be read or used.
     """
     path = model_dir / CONFIG_FILE
-    if not path.is_file():
+    if not path.exists():
         return ModelConfig()
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(read_regular(path).decode("utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise ModelConfigError(f"{CONFIG_FILE} is not valid TOML: {err}") from None
     except UnicodeDecodeError:

@@ -95,6 +95,7 @@ MAP_DATATYPES: dict[str, str] = {DATATYPES[name]: name for name in OUTPUT_DTYPES
 
 UINT32_MAX = 2**32 - 1
 UINT64_MAX = 2**64 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 VERSION = re.compile(r"[0-9]+")
 
 
@@ -476,11 +477,19 @@ def _indices(name: str, param: oip.InferParameter) -> list[int]:
             "server's max_filter_indices allows, as '1,3'"
         )
     try:
-        return [int(part) for part in text.split(",")] if text.strip() else []
+        indices = [int(part) for part in text.split(",")] if text.strip() else []
     except ValueError:
         raise InvalidArgument(
             f"parameters[{name!r}]={text!r} is not a list of integers: use e.g. '1,3'"
         ) from None
+    # The schema's filter_indices are int64: a larger one would fail in protobuf.
+    for index in indices:
+        if not INT64_MIN <= index <= INT64_MAX:
+            raise InvalidArgument(
+                f"parameters[{name!r}] has {index}, which is out of range: use indices "
+                f"from {INT64_MIN} to {INT64_MAX}"
+            )
+    return indices
 
 
 def _seed(name: str, param: oip.InferParameter) -> int:

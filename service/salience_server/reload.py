@@ -153,6 +153,7 @@ class RepositoryWatcher:
         placement: Placement | None = None,
         loader: Loader = load_version,
         on_serving: ServingCallback | None = None,
+        allow_links_outside: bool = False,
     ) -> None:
         self.root = root
         self.core = core
@@ -160,6 +161,7 @@ class RepositoryWatcher:
         self.placement = placement
         self.loader = loader
         self.on_serving = on_serving
+        self.allow_links_outside = allow_links_outside
         self._tracker = ChangeTracker()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="salience-reload")
         self._retiring: set[asyncio.Task[None]] = set()
@@ -176,7 +178,11 @@ class RepositoryWatcher:
         """Stamps the repository once and reconciles the models that settled."""
         try:
             # Off the loop: stat calls on a network file system can be slow.
-            files = await asyncio.to_thread(snapshot, self.root)
+            # Only regular files are read (a FIFO would block this thread, and with
+            # it hot reload and the process's exit, for ever): see `repository`.
+            files = await asyncio.to_thread(
+                snapshot, self.root, allow_links_outside=self.allow_links_outside
+            )
         except OSError as err:
             # A mount that is briefly gone must not unload every model.
             if not self._unreadable:

@@ -23,6 +23,18 @@ load in safe mode, so a model file cannot run Python code (a `Lambda` layer with
 Python code is refused, in `.keras` and `.h5` alike); a SavedModel runs no Python
 but may use any TensorFlow op (see `savedmodel`).
 
+Hygiene: only regular files and directories are read. A FIFO, socket or device
+anywhere in the repository is skipped with a warning (reading a FIFO would block
+the poll, and with it hot reload and shutdown, for ever); a config.toml that is
+one makes its model fail. A model directory, version directory or file that is a
+link resolving outside the repository is refused the same way (config.toml: its
+model fails; anything else is skipped with a warning), unless
+`allow_links_outside_repository` is set: otherwise a link could make the server
+read, and echo parts of, any file it can open. Links inside the repository (such
+as Kubernetes' `..data` links of a mounted ConfigMap) are followed. Reasons sent
+to clients name paths relative to the repository (`relative_paths`), never the
+server's absolute paths.
+
 Failures are contained: a model whose config.toml is bad, or a version whose files
 cannot be loaded, is recorded with the reason (`ModelRepository.failures`, logs, and
 the NOT_FOUND message of requests naming it) and the rest of the repository is
@@ -49,10 +61,13 @@ from typing import TYPE_CHECKING
 
 from salience_server.errors import InvalidArgument, NotFound, allowed
 from salience_server.model_config import (
+    CONFIG_FILE,
     ModelConfig,
     ModelConfigError,
     VersionPolicy,
     load_model_config,
+    read_regular,
+    special,
 )
 
 if TYPE_CHECKING:
@@ -118,12 +133,18 @@ def check_model_name(name: str) -> None:
 
 @dataclass(frozen=True)
 class ModelFiles:
-    """One model directory's files, cheaply: what hot reload compares between polls."""
+    """One model directory's files, cheaply: what hot reload compares between polls.
+
+    `refused` names the model's own files (outside its versions) that are not read:
+    not regular files, or links leading outside the repository; a config.toml
+    among them makes the model fail.
+    """
 
     name: str
     path: Path
     config: Stamp  # every file of the model directory outside its versions
     versions: Mapping[int, Stamp]
+    refused: Mapping[str, str] = field(default_factory=dict)  # name: why
 
     def key(self, version: int) -> Key:
         return (self.config, self.versions[version])
@@ -159,29 +180,104 @@ def _skip(path: Path, why: str, warn: bool = True) -> None:
     log.log(level, "skipping %s: %s", path, why)
 
 
-def version_dirs(model_dir: Path, warn: bool = True) -> dict[int, Path]:
-    """The version directories of a model, by version; others are skipped with a warning."""
+# Paths already warned about as unsafe (a FIFO, a link outside): each is news once,
+# not on every poll; bounded, so a repository churning such names cannot grow it.
+_WARNED: set[tuple[str, str]] = set()
+MAX_WARNED = 4096
+
+
+def _refuse(path: Path, why: str) -> None:
+    key = (str(path), why)
+    if key in _WARNED:
+        return
+    if len(_WARNED) >= MAX_WARNED:
+        _WARNED.clear()
+    _WARNED.add(key)
+    log.warning("skipping %s: %s", path, why)
+
+
+OUTSIDE_LINK = (
+    "a link leading outside the model repository (set allow_links_outside_repository to follow it)"
+)
+UNRESOLVED_LINK = "a link that cannot be resolved"
+LINKS = (OUTSIDE_LINK, UNRESOLVED_LINK)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What the repository may contain: its resolved root, and whether links that
+    resolve outside it are followed (`allow_links_outside_repository`).
+    """
+
+    root: Path
+    allow_outside: bool = False
+
+    @classmethod
+    def of(cls, root: Path, allow_outside: bool = False) -> Bounds:
+        return cls(root.resolve(), allow_outside)
+
+    def outside(self, path: Path) -> str:
+        """Why `path` may not be read (a link leading outside), or "" when it may."""
+        # Each entry is checked as it is walked, so only the entry itself is a link to
+        # look at (a directory above it was checked on the way down).
+        if self.allow_outside or not path.is_symlink():
+            return ""
+        try:
+            target = path.resolve()
+        except (OSError, RuntimeError):  # a link loop
+            return UNRESOLVED_LINK
+        return "" if target.is_relative_to(self.root) else OUTSIDE_LINK
+
+
+def version_dirs(
+    model_dir: Path, warn: bool = True, bounds: Bounds | None = None
+) -> dict[int, Path]:
+    """The version directories of a model, by version; others are skipped with a
+    warning, as are links leading outside the repository (with `bounds`).
+    """
     found: dict[int, Path] = {}
     for version_dir in _entries(model_dir):
         if not VERSION_DIR.fullmatch(version_dir.name):
             _skip(version_dir, "a version directory is named by a positive integer", warn)
             continue
+        why = bounds.outside(version_dir) if bounds is not None else ""
+        if why:
+            _refuse(version_dir, why)
+            continue
         found[int(version_dir.name)] = version_dir
     return found
 
 
-def _file_entry(path: Path, name: str, hashed: bool) -> tuple[str, int, str] | None:
+def _file_entry(
+    path: Path, name: str, hashed: bool, refused: dict[str, str], bounds: Bounds | None
+) -> tuple[str, int, str] | None:
+    why = bounds.outside(path) if bounds is not None else ""
     try:
         status = path.stat()
+        why = why or special(status.st_mode)
+        if why:
+            refused[name] = why
+            _refuse(path, why)
+            return None
         if hashed and status.st_size <= HASHED_FILE_BYTES:
-            return (name, status.st_size, hashlib.sha256(path.read_bytes()).hexdigest())
+            return (name, status.st_size, hashlib.sha256(read_regular(path)).hexdigest())
     except OSError:
         return None  # removed while we looked: the next poll sees the change
     # The inode too: a file replaced by a copy that kept size and mtime (cp -p) is new.
     return (name, status.st_size, f"mtime:{status.st_mtime_ns}:{status.st_ino}")
 
 
-def _stamp(top: Path, skip: Callable[[str], bool], hashed: bool) -> Stamp:
+def _stamp(
+    top: Path,
+    skip: Callable[[str], bool],
+    hashed: bool,
+    bounds: Bounds | None = None,
+    refused: dict[str, str] | None = None,
+) -> Stamp:
+    """The stamp of the files under `top`; those that may not be read are left out
+    and named in `refused` (relative to `top`), with why.
+    """
+    refused = {} if refused is None else refused
     entries = []
     for directory, subdirs, files in os.walk(top):
         here = Path(directory)
@@ -189,52 +285,89 @@ def _stamp(top: Path, skip: Callable[[str], bool], hashed: bool) -> Stamp:
             subdirs[:] = [d for d in subdirs if not skip(d)]
         # Hidden clutter (.git, editor swap files) never triggers a reload.
         subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        if bounds is not None:
+            # Not walked (os.walk follows no link), but a loader would follow one.
+            for name in subdirs:
+                why = bounds.outside(here / name)
+                if why:
+                    refused[str((here / name).relative_to(top))] = why
+                    _refuse(here / name, why)
         for name in files:
             if name.startswith("."):
                 continue
             # Only files at the top are hashed: a model directory may hold a folder of
             # many small files (samples, docs) that must not be read on every poll.
             path = here / name
-            entry = _file_entry(path, str(path.relative_to(top)), hashed and here == top)
+            entry = _file_entry(
+                path, str(path.relative_to(top)), hashed and here == top, refused, bounds
+            )
             if entry is not None:
                 entries.append(entry)
     return tuple(sorted(entries))
 
 
-def version_stamp(version_dir: Path) -> Stamp:
+def version_stamp(
+    version_dir: Path, bounds: Bounds | None = None, refused: dict[str, str] | None = None
+) -> Stamp:
     """Every file of a version directory (SavedModel variables included) with its
     size and modification time: what changes when the version's files are replaced.
     """
-    return _stamp(version_dir, lambda name: False, hashed=False)
+    return _stamp(version_dir, lambda name: False, False, bounds, refused)
 
 
-def config_stamp(model_dir: Path) -> Stamp:
+def config_stamp(
+    model_dir: Path, bounds: Bounds | None = None, refused: dict[str, str] | None = None
+) -> Stamp:
     """Every file of a model directory outside its version directories (config.toml,
     a labels file); small ones at its top by content, the others by size and mtime.
     """
-    return _stamp(model_dir, lambda name: VERSION_DIR.fullmatch(name) is not None, hashed=True)
+    return _stamp(
+        model_dir, lambda name: VERSION_DIR.fullmatch(name) is not None, True, bounds, refused
+    )
 
 
-def snapshot(root: Path, warn: bool = False) -> dict[str, ModelFiles]:
+def snapshot(
+    root: Path, warn: bool = False, allow_links_outside: bool = False
+) -> dict[str, ModelFiles]:
     """The stamps of every model directory under root (nothing is parsed or loaded).
+
+    Only regular files and directories are stamped; with `allow_links_outside`
+    False, links that resolve outside root are not followed either (see the
+    module doc). A version directory holding such a link is skipped with a
+    warning (its loader would follow the link); a FIFO, socket or device in it
+    is only left out of its stamp.
 
     Raises OSError when root itself cannot be listed; a model directory that
     vanishes while it is read is left out, as if it were gone.
     """
+    bounds = Bounds.of(root, allow_links_outside)
     found: dict[str, ModelFiles] = {}
     for model_dir in _entries(root):
         if not valid_model_name(model_dir.name):
             _skip(model_dir, f"a model name must match {MODEL_NAME_PATTERN}", warn)
             continue
+        why = bounds.outside(model_dir)
+        if why:
+            _refuse(model_dir, why)
+            continue
+        refused: dict[str, str] = {}
         try:
             # The configuration first: a change that lands while the versions are
             # stamped then shows as a change on the next poll, never as none.
-            config = config_stamp(model_dir)
-            dirs = version_dirs(model_dir, warn)
+            config = config_stamp(model_dir, bounds, refused)
+            dirs = version_dirs(model_dir, warn, bounds)
         except OSError:
             continue
-        versions = {version: version_stamp(path) for version, path in dirs.items()}
-        found[model_dir.name] = ModelFiles(model_dir.name, model_dir, config, versions)
+        versions = {}
+        for version, path in dirs.items():
+            unsafe: dict[str, str] = {}
+            stamp = version_stamp(path, bounds, unsafe)
+            links = sorted(name for name, why in unsafe.items() if why in LINKS)
+            if links:
+                _refuse(path, f"it holds {allowed(links)}, {OUTSIDE_LINK}")
+                continue
+            versions[version] = stamp
+        found[model_dir.name] = ModelFiles(model_dir.name, model_dir, config, versions, refused)
     return found
 
 
@@ -242,6 +375,8 @@ def read_source(files: ModelFiles, warn: bool = True) -> ModelSource:
     """A model's configuration and selected versions, for its stamped files."""
     versions = {version: files.path / str(version) for version in files.versions}
     try:
+        if CONFIG_FILE in files.refused:
+            raise ModelConfigError(f"{CONFIG_FILE} is {files.refused[CONFIG_FILE]}: it is not read")
         config: ModelConfig | None = load_model_config(files.path)
         error = ""
     except ModelConfigError as err:
@@ -260,13 +395,28 @@ def read_source(files: ModelFiles, warn: bool = True) -> ModelSource:
     return ModelSource(files.name, files.path, config, error, versions, selected, files)
 
 
-def scan(root: Path) -> dict[str, ModelSource]:
+def scan(root: Path, allow_links_outside: bool = False) -> dict[str, ModelSource]:
     """Every model directory under root with its configuration and versions.
 
     Directories whose name is not a valid model name are skipped with a warning;
     a bad config.toml is reported in the source's `error`, never raised.
     """
-    return {name: read_source(files) for name, files in snapshot(root, warn=True).items()}
+    found = snapshot(root, warn=True, allow_links_outside=allow_links_outside)
+    return {name: read_source(files) for name, files in found.items()}
+
+
+def relative_paths(text: str, root: Path | None) -> str:
+    """`text` with the repository's absolute path taken out of the paths it names:
+    what clients are told names paths relative to the repository, never where the
+    server keeps it.
+    """
+    if root is None:
+        return text
+    for prefix in sorted({str(root), str(root.resolve())}, key=len, reverse=True):
+        if prefix in ("", "/"):
+            continue
+        text = text.replace(prefix + os.sep, "").replace(prefix, ".")
+    return text
 
 
 def choose(
@@ -435,10 +585,16 @@ class ModelRepository:
         self._failed_keys: dict[tuple[str, int | None], Key] = {}
         self._loading: set[tuple[str, int]] = set()
         self._unloading: list[ModelRuntime] = []
+        # Where the models come from: the reasons clients see name paths relative to it.
+        self.root: Path | None = None
 
     @classmethod
     def load(
-        cls, root: Path, loader: Loader = load_version, warm_up: bool = True
+        cls,
+        root: Path,
+        loader: Loader = load_version,
+        warm_up: bool = True,
+        allow_links_outside: bool = False,
     ) -> ModelRepository:
         """Loads (and warms up) the versions every model's policy selects; blocking.
 
@@ -446,13 +602,14 @@ class ModelRepository:
         is loaded (with `latest N`, a broken version gives way to the next one down);
         RepositoryError when nothing at all can be served.
         """
-        sources = scan(root)
+        sources = scan(root, allow_links_outside)
         if not sources:
             raise RepositoryError(
                 f"no model found under {root}: expected {root}/<model>/<version>/ holding one "
                 f"of {', '.join(MODEL_FILES)}"
             )
         repository = cls({})
+        repository.root = root
         for source in sources.values():
             repository._load_model(source, loader, warm_up)
         if not repository._models:
@@ -628,8 +785,10 @@ class ModelRepository:
         error: Exception | None = None,
     ) -> None:
         """Records (and logs, unless it was known) that a model's configuration
-        (version None) or a version failed to load from `key`.
+        (version None) or a version failed to load from `key`. The reason names
+        paths relative to the repository (it is sent to clients).
         """
+        reason = relative_paths(reason, self.root)
         known = self._failure(name, version)
         self._failed_keys[(name, version)] = key
         if known is not None and known.reason == reason:

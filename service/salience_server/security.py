@@ -20,6 +20,10 @@ with every one of them with `hmac.compare_digest`: equal-length digests, so the 
 taken says nothing about how much of a token matched, nor about its length. No
 token — configured or presented — is ever logged, put in a message or a metric.
 
+The /metrics endpoint can be secured the same way, with settings of its own
+(`metrics_tls_cert_file`, `metrics_tls_key_file`, `metrics_tls_client_ca_file`,
+`metrics_auth_token_file`): `metrics_security`.
+
 Every problem with these files stops start-up with a SettingsError naming the
 setting, instead of a server that refuses every call later.
 """
@@ -30,6 +34,7 @@ import hashlib
 import hmac
 import logging
 import re
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
@@ -130,13 +135,13 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("ascii")).digest()
 
 
-def load_token_digests(path: Path) -> tuple[bytes, ...]:
+def load_token_digests(path: Path, setting: str = "auth_token_file") -> tuple[bytes, ...]:
     """The SHA-256 digests of the tokens in `path`: one per line, blank lines and
     lines starting with # ignored. Messages name lines, never their content.
     """
-    source = f"auth_token_file={str(path)!r}"
+    source = f"{setting}={str(path)!r}"
     try:
-        text = _read(path, "auth_token_file").decode("ascii")
+        text = _read(path, setting).decode("ascii")
     except UnicodeDecodeError:
         raise SettingsError(
             f"{source} is not ASCII: tokens are printable ASCII without spaces"
@@ -259,6 +264,63 @@ class Security:
         if self.credentials is not None:
             transport = "mutual TLS" if self.mutual else "TLS"
         return transport + (" with bearer tokens" if self.interceptor is not None else "")
+
+
+@dataclass(frozen=True)
+class MetricsSecurity:
+    """What /metrics is served with: a TLS context (None: plain HTTP) and the
+    digests of the tokens it asks for (empty: none).
+    """
+
+    tls: ssl.SSLContext | None
+    token_digests: tuple[bytes, ...]
+
+    def describe(self) -> str:
+        transport = "http"
+        if self.tls is not None:
+            transport = (
+                "https, mutual TLS" if self.tls.verify_mode == ssl.CERT_REQUIRED else "https"
+            )
+        return transport + (" with bearer tokens" if self.token_digests else "")
+
+
+def metrics_security(settings: Settings) -> MetricsSecurity:
+    """Reads the /metrics certificate, key, CA and token files; raises SettingsError."""
+    context = None
+    cert, key = settings.metrics_tls_cert_file, settings.metrics_tls_key_file
+    if cert is not None and key is not None:
+        if PEM_CERTIFICATE not in _read(cert, "metrics_tls_cert_file"):
+            raise SettingsError(
+                f"metrics_tls_cert_file={str(cert)!r} holds no PEM certificate "
+                "(-----BEGIN CERTIFICATE-----)"
+            )
+        if not PEM_PRIVATE_KEY.search(_read(key, "metrics_tls_key_file")):
+            raise SettingsError(
+                f"metrics_tls_key_file={str(key)!r} holds no PEM private key "
+                "(-----BEGIN PRIVATE KEY-----)"
+            )
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(cert, key)
+        except ssl.SSLError:
+            raise SettingsError(
+                f"metrics_tls_key_file={str(key)!r} is not the private key of "
+                f"metrics_tls_cert_file={str(cert)!r}, or one of them is not valid PEM"
+            ) from None
+        ca = settings.metrics_tls_client_ca_file
+        if ca is not None:
+            if PEM_CERTIFICATE not in _read(ca, "metrics_tls_client_ca_file"):
+                raise SettingsError(
+                    f"metrics_tls_client_ca_file={str(ca)!r} holds no PEM certificate "
+                    "(-----BEGIN CERTIFICATE-----)"
+                )
+            context.load_verify_locations(cafile=str(ca))
+            context.verify_mode = ssl.CERT_REQUIRED
+    digests: tuple[bytes, ...] = ()
+    if settings.metrics_auth_token_file is not None:
+        digests = load_token_digests(settings.metrics_auth_token_file, "metrics_auth_token_file")
+    return MetricsSecurity(context, digests)
 
 
 def load_security(settings: Settings) -> Security:

@@ -97,11 +97,52 @@ class Settings:
             "in seconds; 0 turns hot reload off"
         ),
     )
+    allow_links_outside_repository: bool = field(
+        default=False,
+        metadata=_doc(
+            "Follow model directories, version directories and files of the model "
+            "repository that are links resolving outside it (true/false); off, they are "
+            "skipped with a warning (a config.toml so linked fails its model), so a link "
+            "cannot make the server read any file it can open"
+        ),
+    )
     host: str = field(default="0.0.0.0", metadata=_doc("Address the gRPC server binds"))
     port: int = field(default=50051, metadata=_doc("gRPC port; 0 picks a free one"))
     metrics_port: int = field(
         default=8000,
         metadata=_doc("Prometheus /metrics HTTP port; 0 picks a free one, -1 turns it off"),
+    )
+    metrics_host: str = field(
+        default="",
+        metadata=_doc(
+            "Address the /metrics HTTP server binds (such as 127.0.0.1 to keep it on the "
+            "machine, or a cluster-internal address); empty, the same as host"
+        ),
+    )
+    metrics_tls_cert_file: Path | None = field(
+        default=None,
+        metadata=_doc(
+            "PEM certificate chain of /metrics: set with metrics_tls_key_file, it is "
+            "served over HTTPS only; unset, plain HTTP"
+        ),
+    )
+    metrics_tls_key_file: Path | None = field(
+        default=None, metadata=_doc("PEM private key of metrics_tls_cert_file")
+    )
+    metrics_tls_client_ca_file: Path | None = field(
+        default=None,
+        metadata=_doc(
+            "PEM CA certificates for mutual TLS on /metrics: a scraper must present a "
+            "certificate they signed (needs metrics_tls_cert_file)"
+        ),
+    )
+    metrics_auth_token_file: Path | None = field(
+        default=None,
+        metadata=_doc(
+            "File of bearer tokens for /metrics, one per line (# comments), as "
+            "auth_token_file: a scrape without `Authorization: Bearer <token>` naming one "
+            "is answered 401; unset, no token is asked for"
+        ),
     )
     tls_cert_file: Path | None = field(
         default=None,
@@ -143,6 +184,35 @@ class Settings:
         metadata=_doc(
             "Calls (unary or streams) one client connection may have open at once "
             "(HTTP/2 MAX_CONCURRENT_STREAMS); a client's further calls wait for one to end"
+        ),
+    )
+    max_connections: int = field(
+        default=0,
+        metadata=_doc(
+            "Client connections the gRPC port holds at once; more are closed as they "
+            "arrive. 0: the process's open-files limit (raised to its hard limit at "
+            "start-up) less reserved_file_descriptors"
+        ),
+    )
+    reserved_file_descriptors: int = field(
+        default=256,
+        metadata=_doc(
+            "File descriptors kept free of gRPC connections, for /metrics scrapes, model "
+            "files and logs, so a connection flood leaves them working"
+        ),
+    )
+    connection_handshake_timeout_seconds: float = field(
+        default=10.0,
+        metadata=_doc(
+            "Close a connection that has not finished its handshake (TLS, HTTP/2 preface "
+            "and settings) within this long, so silent connections free their place"
+        ),
+    )
+    connection_idle_seconds: float = field(
+        default=0.0,
+        metadata=_doc(
+            "Close a connection without calls for this long (GOAWAY; the client reconnects "
+            "when it next calls); 0 never closes idle connections"
         ),
     )
     max_message_bytes: int = field(
@@ -251,6 +321,19 @@ class Settings:
     log_level: str = field(
         default="INFO", metadata=_doc("Logging level: DEBUG, INFO, WARNING or ERROR")
     )
+    log_repeat_burst: int = field(
+        default=10,
+        metadata=_doc(
+            "Warnings of one kind (same logger, level and message template, such as "
+            "refused calls from any peer) written per log_repeat_window_seconds; further "
+            "ones are counted, and one line per window says how many were not logged; "
+            "0 writes every one"
+        ),
+    )
+    log_repeat_window_seconds: float = field(
+        default=60.0,
+        metadata=_doc("The window of log_repeat_burst, in seconds"),
+    )
     plugins: tuple[str, ...] = field(
         default=(),
         metadata=_doc(
@@ -309,6 +392,21 @@ class Settings:
                 f"{given} is set without {missing}: TLS needs both the certificate and "
                 "its private key"
             )
+        if (self.metrics_tls_cert_file is None) != (self.metrics_tls_key_file is None):
+            given, missing = (
+                ("metrics_tls_cert_file", "metrics_tls_key_file")
+                if self.metrics_tls_key_file is None
+                else ("metrics_tls_key_file", "metrics_tls_cert_file")
+            )
+            raise SettingsError(
+                f"{given} is set without {missing}: TLS needs both the certificate and "
+                "its private key"
+            )
+        if self.metrics_tls_client_ca_file is not None and self.metrics_tls_cert_file is None:
+            raise SettingsError(
+                "metrics_tls_client_ca_file is set without metrics_tls_cert_file and "
+                "metrics_tls_key_file: mutual TLS needs the endpoint's own certificate and key"
+            )
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise SettingsError(
                 "tls_client_ca_file is set without tls_cert_file and tls_key_file: mutual "
@@ -318,6 +416,26 @@ class Settings:
             raise SettingsError(
                 f"max_connection_age_seconds={self.max_connection_age_seconds} is out of "
                 "range: use 0 (never) to 2592000 (30 days)"
+            )
+        if self.max_connections < 0:
+            raise SettingsError(
+                f"max_connections={self.max_connections} must not be negative (0: from the "
+                "open-files limit)"
+            )
+        if self.reserved_file_descriptors < 16:
+            raise SettingsError(
+                f"reserved_file_descriptors={self.reserved_file_descriptors} is too small: "
+                "use at least 16"
+            )
+        if not 0.1 <= self.connection_handshake_timeout_seconds <= 600:
+            raise SettingsError(
+                "connection_handshake_timeout_seconds="
+                f"{self.connection_handshake_timeout_seconds} is out of range: use 0.1 to 600"
+            )
+        if not 0 <= self.connection_idle_seconds <= 30 * 86400:
+            raise SettingsError(
+                f"connection_idle_seconds={self.connection_idle_seconds} is out of range: use "
+                "0 (never) to 2592000 (30 days)"
             )
         if self.max_message_bytes < 4 * MIB:
             raise SettingsError(
@@ -363,6 +481,15 @@ class Settings:
         if self.shutdown_grace_seconds < 0:
             raise SettingsError(
                 f"shutdown_grace_seconds={self.shutdown_grace_seconds} must not be negative"
+            )
+        if self.log_repeat_burst < 0:
+            raise SettingsError(
+                f"log_repeat_burst={self.log_repeat_burst} must not be negative (0: no limit)"
+            )
+        if not 0 < self.log_repeat_window_seconds <= 86400:
+            raise SettingsError(
+                f"log_repeat_window_seconds={self.log_repeat_window_seconds} is out of range: "
+                "use more than 0, up to 86400"
             )
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise SettingsError(

@@ -13,6 +13,10 @@ held back by gRPC flow control, and a slow reader of the answers slows the
 stream down the same way (an answer that cannot be sent keeps its frame in
 flight).
 
+Every frame counts: one with an empty batch is refused at once (INVALID_ARGUMENT
+naming it), since it would take no room in the window and a stream of them would
+be read without bound.
+
 Errors: the first frame that fails ends the stream with its status, the message
 prefixed with the frame's id. Frames before it are all answered first (they are
 awaited in order); frames after it are cancelled and never answered. When the
@@ -52,7 +56,17 @@ def window_for(core: InferenceCore, runtime: ModelDevice, asked: int) -> int:
 
 
 def _rows(arrays: dict[str, Any]) -> int:
-    """Samples a frame carries (its batch axis), for the window's count."""
+    """Samples a frame carries (its batch axis), for the window's count.
+
+    Raises InvalidArgument for a frame with an empty batch: it would count as no
+    sample of the window, so a stream of them would be read without bound.
+    """
+    for k, array in enumerate(arrays.values()):
+        if array.ndim and array.shape[0] == 0:
+            raise InvalidArgument(
+                f"inputs[{k}] has 0 rows: every frame carries at least one sample (a batch "
+                "axis of size 1 or more)"
+            )
     return max((a.shape[0] if a.ndim else 1 for a in arrays.values()), default=1)
 
 
@@ -140,11 +154,11 @@ class _Stream:
             if index:
                 _check_later(request, index)
             arrays = convert.request_inputs(request.inputs)
+            rows = _rows(arrays)
         except ServiceError as err:
             task = asyncio.create_task(_raise(err), name="salience-stream-frame")
             self.frames.append(_Frame(request.frame_id, index, 0, task))
             return False
-        rows = _rows(arrays)
         task = asyncio.create_task(self._explain(arrays), name="salience-stream-frame")
         self.frames.append(_Frame(request.frame_id, index, rows, task))
         self.in_flight += rows
