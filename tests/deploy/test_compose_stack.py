@@ -168,8 +168,6 @@ def stack(
         print(f"\ncompose: {', '.join(up)} up, salience healthy, in {took:.1f} s")
         yield stack
     finally:
-        logs = run_checked([*compose, "logs", "--no-color", "--tail", "20"], engine.env).stdout
-        print(f"\ncompose: the stack's last log lines:\n{logs[-3000:]}")
         run_checked([*compose, "down", "--volumes", "--remove-orphans", "--timeout", "40"],
                     engine.env)  # fmt: skip
 
