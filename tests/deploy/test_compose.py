@@ -1,4 +1,4 @@
-"""deploy/compose.yaml, checked without running it (the suite runs no container engine).
+"""deploy/compose.yaml, checked without running it (test_compose_stack.py runs it).
 
 The file parses into the three services; the build context is the repository with its
 Dockerfile, and the build arguments are ones the Dockerfile declares; every host path

@@ -1,4 +1,4 @@
-"""The Dockerfile, checked without building the image (the suite runs no container engine).
+"""The Dockerfile, checked without building the image (test_image.py builds and runs it).
 
 - hadolint, the real linter, passes it (and is shown to catch a bad Dockerfile);
 - the image installs what the README's `make serve` installs, for the CPU default and
