@@ -19,12 +19,17 @@ was batched with.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
 
 import keras
+import numpy as np
 import tensorflow as tf
 
+from salience_server.explain.engine import per_sample
 from salience_server.explain.methods import common
+from salience_server.explain.plan import Plan
 
 # Rows (copies x samples) of one chunk. A 224x224 ResNet-50 backward pass over
 # 128 rows needs a few GiB; larger batches only amortise kernel launches further.
@@ -121,6 +126,23 @@ def sum_over_copies(
         ),
     )
     return dict(zip(keys, result[1:], strict=True))
+
+
+def plan_count(
+    plan: Plan, field: Literal["samples", "steps"], count: int, copies: int, xla: bool
+) -> None:
+    """Gives a plan its count (`field`: "samples" or "steps") as the per-sample
+    `COPIES` param (`copies` copies of each sample), and keeps it out of device calls
+    of other counts (`Plan.share`). The graph key holds the count only under XLA,
+    which compiles chunk shapes it must know (a graph per count); elsewhere it is a
+    tensor argument, one trace for every count.
+    """
+    plan.params[COPIES] = per_sample(np.array(copies, np.int32), plan.batch)
+    plan.share = (count,)
+    if xla and field == "samples":
+        plan.graph = dataclasses.replace(plan.graph, samples=count)
+    elif xla:
+        plan.graph = dataclasses.replace(plan.graph, steps=count)
 
 
 def copy_count(static: int, params: Mapping[str, tf.Tensor]) -> int | tf.Tensor:

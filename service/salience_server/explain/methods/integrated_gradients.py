@@ -126,19 +126,9 @@ class IntegratedGradients(Method):
             # The sample shape keys the graph: the param's signature is fixed at trace
             # time, and inputs with free axes may come in other sizes.
             extra = (BASELINE, tuple(baseline.shape[1:]))
-        # The count is a tensor argument (one trace for every count), except under XLA,
-        # which compiles chunk shapes it must know: there each count is a graph.
-        plan = backprop.plan_gradient(
-            runtime,
-            self,
-            options,
-            batch,
-            with_wrt=False,
-            steps=steps if runtime.placement.xla else 0,
-            extra=extra,
-        )
-        plan.params[copies.COPIES] = per_sample(np.array(steps + 1, np.int32), batch)
-        plan.share = (steps,)
+        plan = backprop.plan_gradient(runtime, self, options, batch, with_wrt=False, extra=extra)
+        # steps + 1 points on the path, both ends included.
+        copies.plan_count(plan, "steps", steps, steps + 1, runtime.placement.xla)
         if baseline is not None:
             plan.params[BASELINE] = baseline
         plan.resolved = dataclasses.replace(plan.resolved, steps=steps)

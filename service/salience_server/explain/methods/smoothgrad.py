@@ -117,19 +117,10 @@ class SmoothGrad(Method):
         # (8 x 16 x 224x224x3 floats = 77 MB) where this keeps one accumulator per
         # modifier. Requests asking for other modifier sets just use another graph.
         grad_modifiers = common.post(self, options).grad_modifiers
-        # The count is a tensor argument (one trace for every count), except under XLA,
-        # which compiles chunk shapes it must know: there each count is a graph.
         plan = backprop.plan_gradient(
-            runtime,
-            self,
-            options,
-            batch,
-            with_wrt=False,
-            samples=samples if runtime.placement.xla else 0,
-            extra=tuple(sorted(grad_modifiers)),
+            runtime, self, options, batch, with_wrt=False, extra=tuple(sorted(grad_modifiers))
         )
-        plan.params[copies.COPIES] = per_sample(np.array(samples, np.int32), batch)
-        plan.share = (samples,)
+        copies.plan_count(plan, "samples", samples, samples, runtime.placement.xla)
         plan.params[SEED] = per_sample(philox_key(seed), batch)
         plan.params[NOISE] = per_sample(np.array(noise, np.float32), batch)
         plan.resolved = dataclasses.replace(plan.resolved, seed=seed, samples=samples, noise=noise)
