@@ -46,10 +46,14 @@ def check_inputs(
         field = f"inputs[{info.name!r}]"
         expected = ["N", *(d if d is not None else "any" for d in info.shape[1:])]
         if array.dtype != np.dtype(info.dtype):
-            raise InvalidArgument(
-                f"{field}.dtype={array.dtype} is not accepted: input {info.name!r} of model "
-                f"{model.name!r} takes {info.dtype}"
-            )
+            # Besides the model's own, the dtypes its config.toml accepts on the wire
+            # ([inputs.<name>] wire_dtypes), cast on the device.
+            accepted = (info.dtype, *model.config.input_config(info.name).wire_dtypes)
+            if array.dtype.name not in accepted[1:]:
+                raise InvalidArgument(
+                    f"{field}.dtype={array.dtype} is not accepted: input {info.name!r} of "
+                    f"model {model.name!r} takes {' or '.join(accepted)}"
+                )
         if array.ndim != len(info.shape):
             raise InvalidArgument(
                 f"{field}.shape={list(array.shape)} has rank {array.ndim}: input "

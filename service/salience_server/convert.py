@@ -279,6 +279,18 @@ def _tensor_spec(info: TensorInfo, labels: Sequence[str] = ()) -> pb.TensorSpec:
     )
 
 
+def _input_spec(runtime: ModelDevice, info: TensorInfo) -> pb.TensorSpec:
+    """An input's spec with the dtypes it accepts on the wire (the model's first)."""
+    spec = _tensor_spec(info)
+    wire = runtime.config.input_config(info.name)
+    spec.accepted_dtypes.extend(
+        tensors.wire_dtype(d) for d in (info.dtype, *wire.wire_dtypes)
+    )
+    if wire.wire_dtypes:
+        spec.wire_range = wire.wire_range
+    return spec
+
+
 def model_metadata(
     runtime: ModelDevice,
     versions: Sequence[int],
@@ -306,7 +318,7 @@ def model_metadata(
         name=runtime.name,
         versions=list(versions),
         version=runtime.version,
-        inputs=[_tensor_spec(i) for i in runtime.inputs],
+        inputs=[_input_spec(runtime, i) for i in runtime.inputs],
         outputs=[
             _tensor_spec(o, runtime.config.labels if k == labelled else ())
             for k, o in enumerate(runtime.outputs)

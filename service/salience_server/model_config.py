@@ -41,6 +41,13 @@ optional. A full example (the README documents each key):
     scale = 0.00392156862745098      # x * scale + offset; one value or one per channel
     offset = [-0.5, -0.5, -0.5]
 
+    [inputs.image]                   # one table per input, by name
+    wire_dtypes = ["uint8"]          # dtypes accepted besides the model's own; cast on
+                                     # the device, inside the compiled functions
+    wire_range = "unit"              # what an integer value v stands for: "raw" (the
+                                     # float v) or "unit" (v / 255 for uint8, the [0, 1]
+                                     # floats the client reads an image file as)
+
 An unknown key or a bad value makes the model fail to load, with a message that
 names the key (`batching.max_queue_size`) and the allowed values; the other models
 of the repository load as usual. Parsing needs no TensorFlow: what can only be
@@ -90,6 +97,12 @@ CHANNEL_ORDERS = (RGB, BGR)
 RESIZE_NONE = "none"
 RESIZE_BILINEAR = "bilinear"
 RESIZE_POLICIES = (RESIZE_NONE, RESIZE_BILINEAR)
+
+# Dtypes an input may accept on the wire besides the model's own (`[inputs.<name>]`).
+WIRE_DTYPES = ("uint8",)
+RANGE_RAW = "raw"
+RANGE_UNIT = "unit"
+WIRE_RANGES = (RANGE_RAW, RANGE_UNIT)
 
 # The same bound the server's settings put on the queue delay.
 MAX_QUEUE_DELAY_MS = 60_000.0
@@ -265,6 +278,23 @@ class PreprocessConfig:
 
 
 @dataclass(frozen=True)
+class InputConfig:
+    """What one input accepts on the wire (`[inputs.<name>]`).
+
+    `wire_dtypes` are accepted besides the model's own dtype and cast to it on the
+    device, inside the compiled functions, so that the smaller tensor is what
+    crosses to the device. An integer value `v` reaches the model (and its
+    `[preprocess]`) as the float `v` (`wire_range = "raw"`) or `v / 255` for uint8
+    (`"unit"`: the [0, 1] floats the client reads an image file as), so that a
+    uint8 image and the float image it stands for get the same answer.
+    """
+
+    name: str
+    wire_dtypes: tuple[str, ...] = ()
+    wire_range: str = RANGE_RAW
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything `config.toml` sets for one model; the defaults are those of a
     model without the file.
@@ -275,9 +305,15 @@ class ModelConfig:
     explain: ExplainDefaults = field(default_factory=ExplainDefaults)
     limits: ModelLimits = field(default_factory=ModelLimits)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    # What inputs accept on the wire besides the model's dtype, in file order.
+    inputs: tuple[InputConfig, ...] = ()
     # Class names of the last axis of output `labels_output` ("": the first output).
     labels: tuple[str, ...] = ()
     labels_output: str = ""
+
+    def input_config(self, name: str) -> InputConfig:
+        """The `[inputs.<name>]` of one input (the defaults when it has none)."""
+        return next((c for c in self.inputs if c.name == name), InputConfig(name))
 
     def labelled_output(self, output_names: Sequence[str]) -> int | None:
         """The index of the output the labels name (None: no labels)."""
@@ -529,6 +565,28 @@ def _preprocess(top: _Table) -> PreprocessConfig:
     return config
 
 
+def _inputs(top: _Table) -> tuple[InputConfig, ...]:
+    tables = top.table("inputs", ())
+    configs = []
+    for name in tables.data:
+        table = tables.table(name, ("wire_dtypes", "wire_range"))
+        dtypes = table.strings("wire_dtypes") or ()
+        for k, dtype in enumerate(dtypes):
+            if dtype not in WIRE_DTYPES:
+                raise ModelConfigError(
+                    f"{table.field('wire_dtypes')}[{k}]={dtype!r} is not allowed: use "
+                    f"{allowed(WIRE_DTYPES)}"
+                )
+        if len(set(dtypes)) != len(dtypes):
+            raise table.error("wire_dtypes", "lists a dtype twice: list each once")
+        wire_range = table.choice("wire_range", WIRE_RANGES)
+        table.finish()
+        if wire_range is not None and not dtypes:
+            raise table.error("wire_range", "is set without wire_dtypes: add wire_dtypes")
+        configs.append(InputConfig(name, tuple(dtypes), wire_range or RANGE_RAW))
+    return tuple(configs)
+
+
 def special(mode: int) -> str:
     """What a file of this mode is when it is neither a regular file nor a directory
     (a FIFO, a socket, a device), else "".
@@ -644,6 +702,7 @@ TOP_LEVEL_KEYS = (
     "explain",
     "limits",
     "preprocess",
+    "inputs",
 )
 
 
@@ -662,6 +721,7 @@ def parse_model_config(data: Mapping[str, Any], model_dir: Path | None = None) -
         explain=_explain(top),
         limits=_limits(top),
         preprocess=_preprocess(top),
+        inputs=_inputs(top),
         labels=_labels(top, model_dir),
         labels_output=labels_output,
     )

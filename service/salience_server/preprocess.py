@@ -14,6 +14,14 @@ the input was resized — and it is the chain rule through the preprocessing (wi
 scale `a` and `bgr`, `∂s/∂x[..., c] = a[c'] · ∂s/∂x'[..., c']` where `c' = C−1−c`).
 The model itself and its layers are untouched: layer names and indices stay those
 of the model file.
+
+An input may also accept narrower dtypes on the wire (`[inputs.<name>]
+wire_dtypes`, `WireCast`): a uint8 image is cast (and with `wire_range = "unit"`
+divided by 255) inside the compiled function, in front of the preprocessing, so
+the tensor that crosses to the device is the uint8 one, a quarter of the float32
+bytes. Maps are then in the space of the float input the cast makes: with respect
+to `x = float(v)` (raw) or `x = v / 255` (unit), shaped like the input, the same
+map a float request sending that `x` gets; not per step of the integer value.
 """
 
 from __future__ import annotations
@@ -24,11 +32,14 @@ from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from salience_server.errors import allowed
 from salience_server.model_config import (
     BGR,
+    RANGE_UNIT,
     RESIZE_BILINEAR,
+    ModelConfig,
     ModelConfigError,
     PreprocessConfig,
 )
@@ -148,3 +159,71 @@ class Preprocessing:
         return keras.Model(
             raw if len(raw) > 1 else raw[0], outputs, name=f"{model.name}_preprocessed"
         )
+
+
+class WireCast:
+    """The dtypes each input accepts on the wire, checked against the inputs
+    requests send (`sender_inputs`), and the cast that turns them into the model's.
+    """
+
+    def __init__(self, config: ModelConfig, inputs: Sequence[TensorInfo]) -> None:
+        names = [info.name for info in inputs]
+        for entry in config.inputs:
+            if entry.name not in names:
+                raise ModelConfigError(
+                    f"inputs.{entry.name} is not an input of the model: choose one of "
+                    f"{allowed(names)}"
+                )
+        self.inputs = tuple(inputs)
+        # Per input: the accepted dtypes, the model's own first.
+        self.accepted: tuple[tuple[str, ...], ...] = tuple(
+            (info.dtype, *config.input_config(info.name).wire_dtypes) for info in inputs
+        )
+        self._divisor: dict[int, dict[str, float]] = {}
+        for k, info in enumerate(inputs):
+            entry = config.input_config(info.name)
+            for dtype in entry.wire_dtypes:
+                if np.dtype(info.dtype).kind != "f" or not np.can_cast(
+                    dtype, info.dtype, casting="safe"
+                ):
+                    raise ModelConfigError(
+                        f"inputs.{info.name}.wire_dtypes has {dtype!r}, which does not cast "
+                        f"exactly to the input's dtype {info.dtype}: wire dtypes apply to "
+                        "floating-point inputs"
+                    )
+                if entry.wire_range == RANGE_UNIT:
+                    self._divisor.setdefault(k, {})[dtype] = float(np.iinfo(dtype).max)
+
+    @property
+    def active(self) -> bool:
+        """Whether any input accepts a dtype besides the model's."""
+        return any(len(dtypes) > 1 for dtypes in self.accepted)
+
+    def is_native(self, dtypes: Sequence[str]) -> bool:
+        """Whether inputs of these dtypes are the model's own (no cast)."""
+        return all(d == info.dtype for d, info in zip(dtypes, self.inputs, strict=True))
+
+    def variants(self) -> list[tuple[str, ...]]:
+        """Each non-native wire dtype combination warm-up runs: one per wire dtype,
+        every input at once (the others' first wire dtype, or their own).
+        """
+        widest = max((len(d) for d in self.accepted), default=1)
+        return [
+            tuple(d[min(j, len(d) - 1)] for d in self.accepted) for j in range(1, widest)
+        ]
+
+    def cast(self, inputs: Sequence[Any]) -> tuple[Any, ...]:
+        """TensorFlow tensors of wire dtypes as the model's inputs."""
+        cast = []
+        for k, (x, info) in enumerate(zip(inputs, self.inputs, strict=True)):
+            wire = x.dtype.name
+            if wire != info.dtype:
+                divisor = self._divisor.get(k, {}).get(wire)
+                # Divided in float32 like the client's image reading, so a uint8 image
+                # and the float image it stands for are the same values bit for bit.
+                x = tf.cast(x, tf.float32)
+                if divisor is not None:
+                    x = x / tf.constant(divisor, tf.float32)
+                x = tf.cast(x, info.dtype)
+            cast.append(x)
+        return tuple(cast)

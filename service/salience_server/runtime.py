@@ -43,7 +43,7 @@ from salience_server.explain.options import (
 from salience_server.explain.plan import Graph, Plan
 from salience_server.explain.targets import Target, TargetResolver, activation_name
 from salience_server.model_config import ModelConfig
-from salience_server.preprocess import Preprocessing
+from salience_server.preprocess import Preprocessing, WireCast
 from salience_server.seam import LayerInfo, TensorInfo
 
 log = logging.getLogger(__name__)
@@ -241,6 +241,14 @@ class ModelRuntime:
             input_signature=[self.input_specs],
             jit_compile=self.placement.jit_compile,
         )
+        # Dtypes inputs accept on the wire besides the model's ([inputs.<name>]): the
+        # compiled functions of those dtypes cast on the device, then call the
+        # model's own (`_wire_predict`, `_wire_function`).
+        self.wire = WireCast(self.config, self.inputs)
+        self._wire_predicts: dict[tuple[str, ...], Any] = {}
+        self._wire_functions: OrderedDict[
+            tuple[Graph, tuple[str, ...]], tuple[DeviceFunction, DeviceFunction]
+        ] = OrderedDict()
         self.resolver = resolver
         self._functions: OrderedDict[Graph, DeviceFunction] = OrderedDict()
         # (options, batch) -> (plan, options with the model's defaults applied).
@@ -295,13 +303,67 @@ class ModelRuntime:
     # Predict ----------------------------------------------------------------
 
     def predict(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """The model's outputs for checked inputs."""
+        """The model's outputs for checked inputs (of the model's dtypes or of
+        accepted wire dtypes).
+        """
+        dtypes = tuple(x.dtype.name for x in inputs)
+        predict = self._predict if self.wire.is_native(dtypes) else self._wire_predict(dtypes)
         with self.on_device():
-            outputs = self._predict(tuple(tf.convert_to_tensor(x) for x in inputs))
+            outputs = predict(tuple(tf.convert_to_tensor(x) for x in inputs))
             host = [o.numpy() for o in outputs]
         if not all(np.isfinite(o).all() for o in host if o.dtype.kind == "f"):
             raise self._not_finite()
         return host
+
+    def wire_specs(self, dtypes: Sequence[str]) -> tuple[tf.TensorSpec, ...]:
+        """The input signature of requests whose inputs have these dtypes."""
+        return tuple(
+            tf.TensorSpec(spec.shape, dtype, name=spec.name)
+            for spec, dtype in zip(self.input_specs, dtypes, strict=True)
+        )
+
+    def _wire_predict(self, dtypes: tuple[str, ...]) -> Any:
+        """Predict for inputs of accepted wire dtypes: cast on the device, then the
+        model's forward pass, in one compiled function.
+        """
+        with self._lock:
+            fn = self._wire_predicts.get(dtypes)
+            if fn is None:
+                fn = tf.function(
+                    lambda inputs: self._forward(self.wire.cast(inputs)),
+                    input_signature=[self.wire_specs(dtypes)],
+                    jit_compile=self.placement.jit_compile,
+                )
+                self._wire_predicts[dtypes] = fn
+            return fn
+
+    def _wire_function(
+        self,
+        graph: Graph,
+        dtypes: tuple[str, ...],
+        inner: DeviceFunction,
+        params: Mapping[str, np.ndarray],
+    ) -> DeviceFunction:
+        """The device function of `graph` for inputs of wire dtypes: the cast, then
+        the model's own function (`inner`, traced once for both), so that gradients
+        are taken with respect to the float input the cast makes.
+        """
+        key = (graph, dtypes)
+        with self._lock:
+            entry = self._wire_functions.get(key)
+            if entry is not None and entry[0] is inner:
+                self._wire_functions.move_to_end(key)
+                return entry[1]
+
+            @tf.function(input_signature=[self.wire_specs(dtypes), param_specs(params)])
+            def cast_then(inputs: tuple[tf.Tensor, ...], params: Mapping[str, tf.Tensor]) -> Any:
+                return inner(self.wire.cast(inputs), params)
+
+            wrapped: DeviceFunction = cast_then
+            self._wire_functions[key] = (inner, wrapped)
+            if len(self._wire_functions) > FUNCTION_CACHE_SIZE:
+                self._wire_functions.popitem(last=False)
+            return wrapped
 
     def _not_finite(self) -> InvalidArgument:
         """Inputs are finite (checked); outputs that are not mean the layers could
@@ -441,6 +503,9 @@ class ModelRuntime:
     ) -> tuple[Tensors, RawTensors]:
         """One device call of one graph on a (possibly merged) batch (engine step 2)."""
         fn = self._device_function(graph, params)
+        dtypes = tuple(x.dtype.name for x in inputs)
+        if not self.wire.is_native(dtypes):
+            fn = self._wire_function(graph, dtypes, fn, params)
         with self.on_device():
             outputs, raw = fn(
                 tuple(tf.convert_to_tensor(x) for x in inputs),
@@ -528,6 +593,8 @@ class ModelRuntime:
         """Drops the compiled functions of the graphs `stale` selects (with _lock held)."""
         for graph in [g for g in self._functions if stale(g)]:
             del self._functions[graph]
+        for key in [k for k in self._wire_functions if stale(k[0])]:
+            del self._wire_functions[key]
 
     def supported_methods(self) -> tuple[str, ...]:
         """The methods this model can be explained with."""

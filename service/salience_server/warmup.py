@@ -64,42 +64,50 @@ def warm_up(
         return
     chosen = list(default_explanations(runtime) if explanations is None else explanations)
     placed: set[str] = set()
+    # Inputs a config.toml accepts in other dtypes on the wire (uint8 images) have
+    # compiled functions of their own (the cast in front): warmed alike.
+    variants = runtime.wire.variants()
     for size in sorted(set(buckets)):
-        batch = [np.repeat(x, size, axis=0) for x in sample]
-        try:
-            runtime.predict(batch)
-        except ResourceExhausted:
-            # The model serves; calls this large will fail alike until the
-            # device batch size is lowered.
-            log.warning(
-                "model %s: the device ran out of memory warming up batch %d: larger "
-                "buckets are not warmed; lower max_device_batch_size",
-                runtime.name,
-                size,
-            )
-            return
-        for options in list(chosen):
+        native = [np.repeat(x, size, axis=0) for x in sample]
+        batches = [native] + [
+            [x.astype(dtype) for x, dtype in zip(native, dtypes, strict=True)]
+            for dtypes in variants
+        ]
+        for batch in batches:
             try:
-                plan = runtime.plan(options, size)
-                outputs, raw = runtime.compute(plan.graph, batch, plan.params)
-                runtime.finish(plan, outputs, raw)
-                if plan.graph.method not in placed and raw:
-                    # Evidence of where explanations run, next to the weights' line.
-                    placed.add(plan.graph.method)
-                    log.info(
-                        "model %s: %s computed on %s",
-                        runtime.name,
-                        plan.graph.method,
-                        next(iter(raw.values())).device,
-                    )
-            except ServiceError as err:
+                runtime.predict(batch)
+            except ResourceExhausted:
+                # The model serves; calls this large will fail alike until the
+                # device batch size is lowered.
                 log.warning(
-                    "model %s: warm-up leaves out explanation %r: %s",
+                    "model %s: the device ran out of memory warming up batch %d: larger "
+                    "buckets are not warmed; lower max_device_batch_size",
                     runtime.name,
-                    options.method,
-                    err,
+                    size,
                 )
-                chosen.remove(options)
+                return
+            for options in list(chosen):
+                try:
+                    plan = runtime.plan(options, size)
+                    outputs, raw = runtime.compute(plan.graph, batch, plan.params)
+                    runtime.finish(plan, outputs, raw)
+                    if plan.graph.method not in placed and raw:
+                        # Evidence of where explanations run, next to the weights' line.
+                        placed.add(plan.graph.method)
+                        log.info(
+                            "model %s: %s computed on %s",
+                            runtime.name,
+                            plan.graph.method,
+                            next(iter(raw.values())).device,
+                        )
+                except ServiceError as err:
+                    log.warning(
+                        "model %s: warm-up leaves out explanation %r: %s",
+                        runtime.name,
+                        options.method,
+                        err,
+                    )
+                    chosen.remove(options)
 
 
 def _warm_up_sample(runtime: ModelRuntime) -> list[np.ndarray] | None:

@@ -264,16 +264,20 @@ class GetModelMetadataRequest(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "labels")
+    __slots__ = ("name", "dtype", "shape", "labels", "accepted_dtypes", "wire_range")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_DTYPES_FIELD_NUMBER: _ClassVar[int]
+    WIRE_RANGE_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: DataType
     shape: _containers.RepeatedScalarFieldContainer[int]
     labels: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
+    accepted_dtypes: _containers.RepeatedScalarFieldContainer[DataType]
+    wire_range: str
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ..., accepted_dtypes: _Optional[_Iterable[_Union[DataType, str]]] = ..., wire_range: _Optional[str] = ...) -> None: ...
 
 class LayerInfo(_message.Message):
     __slots__ = ("name", "index", "kind", "output_shape", "activation")
