@@ -35,7 +35,7 @@ import grpc
 import numpy as np
 
 from salience.v1 import salience_pb2 as pb
-from salience_client import tensors
+from salience_client import images, tensors
 from salience_client.channel import TLS, ChannelConfig
 from salience_client.client import (
     DEFAULT_TIMEOUT_SECONDS,
@@ -409,6 +409,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="INPUT",
         help="a .npy file (a sample or a batch) or an image file; all form one batch",
     )
+    model.add_argument(
+        "--float32",
+        action="store_true",
+        help="send images as float32 even where the model accepts uint8 pixels (by default "
+        "they go as uint8 there, a quarter of the bytes, with the same answers)",
+    )
 
     predict = commands.add_parser(
         "predict", parents=[connection, model], help="run a model on input files"
@@ -518,6 +524,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="INPUT",
         help="a .npy file or an image; without any, random samples of the model's shape",
     )
+    bench.add_argument(
+        "--float32",
+        action="store_true",
+        help="send image INPUTs as float32 even where the model accepts uint8 pixels",
+    )
     bench.set_defaults(subparser=bench)
 
     # Its options and the work live in `review` (frames, video, report).
@@ -563,9 +574,14 @@ class InputSpec:
     name: str
     dtype: np.dtype
     shape: tuple[int | None, ...]
+    # Images go as uint8 pixels (the input accepts them on the wire), and what a
+    # pixel stands for as a float ("raw": p, else p / 255).
+    uint8: bool = False
+    wire_range: str = ""
 
     @classmethod
-    def from_metadata(cls, metadata: pb.ModelMetadata) -> InputSpec:
+    def from_metadata(cls, metadata: pb.ModelMetadata, uint8: bool = False) -> InputSpec:
+        """The input's spec; with `uint8`, images go as uint8 where it accepts them."""
         if len(metadata.inputs) != 1:
             names = ", ".join(repr(i.name) for i in metadata.inputs)
             raise UsageError(
@@ -581,7 +597,14 @@ class InputSpec:
                 "command line cannot feed"
             )
         shape = tuple(None if d < 0 else int(d) for d in spec.shape[1:])
-        return cls(model=metadata.name, name=spec.name, dtype=np.dtype(dtype.name), shape=shape)
+        return cls(
+            model=metadata.name,
+            name=spec.name,
+            dtype=np.dtype(dtype.name),
+            shape=shape,
+            uint8=uint8 and images.sends_uint8(spec),
+            wire_range=spec.wire_range,
+        )
 
     def describe(self, batch: bool = True) -> str:
         """The shape as `[N, 8, 8, 3]` (batch first) or `[8, 8, 3]` (one sample)."""
@@ -671,17 +694,13 @@ def _load_npy(path: Path, spec: InputSpec) -> LoadedInput:
 
 
 def _image_pixels(image: Any, mode: str, spec: InputSpec) -> np.ndarray:
-    """Pixels in the input's mode; floats in [0, 1] for a floating-point input."""
-    if mode == "L" and image.mode.startswith("I;16"):
-        # Pillow converts 16-bit grey to "L" by clipping, not scaling: scale here.
-        values = np.asarray(image, dtype=np.float64) / 65535.0
-        if spec.dtype.kind == "f":
-            return values.astype(spec.dtype)
-        return np.round(values * 255.0).astype(np.uint8)
-    pixels = np.asarray(image if image.mode == mode else image.convert(mode))
-    if spec.dtype.kind == "f":
-        return (pixels.astype(np.float32) / np.float32(255)).astype(spec.dtype)
-    return pixels
+    """Pixels in the input's mode: uint8 where the input takes them on the wire
+    (`spec.uint8`), else floats in [0, 1] (or 0..255 for a "raw" wire range) for a
+    floating-point input.
+    """
+    return images.image_pixels(
+        image, mode, spec.dtype, uint8=spec.uint8, wire_range=spec.wire_range
+    )
 
 
 def _load_image(path: Path, spec: InputSpec) -> LoadedInput:
@@ -715,6 +734,8 @@ def _load_image(path: Path, spec: InputSpec) -> LoadedInput:
         pixels = _image_pixels(image, mode, spec)
     if len(spec.shape) == 3 and pixels.ndim == 2:
         pixels = pixels[..., np.newaxis]
+    if spec.uint8 and pixels.dtype == np.uint8:
+        return LoadedInput(path, pixels[np.newaxis], batched=False)  # cast by the server
     return LoadedInput(path, _cast(pixels, spec, path)[np.newaxis], batched=False)
 
 
@@ -737,10 +758,22 @@ def load_input(path: Path, spec: InputSpec) -> LoadedInput:
     return _load_image(path, spec)
 
 
-def load_inputs(paths: Sequence[Path], metadata: pb.ModelMetadata) -> InputBatch:
-    """Every INPUT read for the model `metadata` describes, as one batch."""
-    spec = InputSpec.from_metadata(metadata)
+def load_inputs(
+    paths: Sequence[Path], metadata: pb.ModelMetadata, float32: bool = False
+) -> InputBatch:
+    """Every INPUT read for the model `metadata` describes, as one batch: images as
+    uint8 where the input accepts them (unless `float32`), a quarter of the bytes.
+    """
+    spec = InputSpec.from_metadata(metadata, uint8=not float32)
     sources = [load_input(path, spec) for path in paths]
+    if len({s.array.dtype for s in sources}) > 1:
+        # Images with .npy files: one batch of the model's dtype, the same values.
+        sources = [
+            LoadedInput(s.path, images.as_float(s.array, spec.dtype, spec.wire_range), s.batched)
+            if s.array.dtype == np.uint8 and spec.dtype.kind == "f"
+            else s
+            for s in sources
+        ]
     first = sources[0]
     for source in sources[1:]:
         if source.array.shape[1:] != first.array.shape[1:]:
@@ -767,6 +800,10 @@ def _spec_json(spec: pb.TensorSpec) -> dict[str, Any]:
     }
     if spec.labels:
         found["labels"] = list(spec.labels)
+    if len(spec.accepted_dtypes) > 1:
+        # Also accepted on the wire, cast by the server (config.toml [inputs.<name>]).
+        found["accepted_dtypes"] = [tensors.dtype_name(d) for d in spec.accepted_dtypes]
+        found["wire_range"] = spec.wire_range
     return found
 
 
@@ -1050,7 +1087,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     check_readable(args.inputs)
     with _client(args) as client:
         metadata = client.metadata(args.model, version=args.version)
-        batch = load_inputs(args.inputs, metadata)
+        batch = load_inputs(args.inputs, metadata, float32=args.float32)
         prediction = client.predict(args.model, batch.array, version=args.version)
     if args.out is not None:
         print(write_npz(args.out, output_arrays(prediction.outputs)))
@@ -1075,7 +1112,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     check_readable(args.inputs)
     with _client(args) as client:
         metadata = client.metadata(args.model, version=args.version)
-        batch = load_inputs(args.inputs, metadata)
+        batch = load_inputs(args.inputs, metadata, float32=args.float32)
         if not to_npz:
             check_overlayable(batch, args.keepdims)
         result = client.explain(
@@ -1110,7 +1147,7 @@ def bench_samples(args: argparse.Namespace, metadata: pb.ModelMetadata) -> np.nd
 
     if args.inputs:
         check_readable(args.inputs)
-        return load_inputs(args.inputs, metadata).array
+        return load_inputs(args.inputs, metadata, float32=args.float32).array
     spec = InputSpec.from_metadata(metadata)
     if any(d is None for d in spec.shape):
         raise UsageError(

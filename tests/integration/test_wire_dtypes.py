@@ -289,3 +289,36 @@ def test_a_wire_input_that_is_not_an_input_fails_the_model_only(
     assert "inputs.image is not an input of the model: choose one of 'x'" in str(
         caught.value.details
     )
+
+
+def test_wire_dtypes_apply_to_floating_point_inputs_only() -> None:
+    from salience_server.model_config import ModelConfigError, parse_model_config
+    from salience_server.preprocess import WireCast
+    from salience_server.seam import TensorInfo
+
+    config = parse_model_config({"inputs": {"ids": {"wire_dtypes": ["uint8"]}}})
+    with pytest.raises(ModelConfigError) as caught:
+        WireCast(config, [TensorInfo("ids", "int32", (None, 4))])
+    assert str(caught.value) == (
+        "inputs.ids.wire_dtypes has 'uint8', which does not cast exactly to the input's "
+        "dtype int32: wire dtypes apply to floating-point inputs"
+    )
+
+
+def test_the_unit_cast_divides_as_the_client_reads_images() -> None:
+    import tensorflow as tf
+
+    from salience_server.model_config import parse_model_config
+    from salience_server.preprocess import WireCast
+    from salience_server.seam import TensorInfo
+
+    config = parse_model_config(
+        {"inputs": {"image": {"wire_dtypes": ["uint8"], "wire_range": "unit"}}}
+    )
+    cast = WireCast(config, [TensorInfo("image", "float32", (None, 16, 16))])
+    every = np.arange(256, dtype=np.uint8).reshape(1, 16, 16)
+    (got,) = cast.cast([tf.constant(every)])
+    # Bit for bit the floats of an image file read by the client.
+    np.testing.assert_array_equal(got.numpy(), unit(every))
+    (same,) = cast.cast([tf.constant(unit(every))])
+    np.testing.assert_array_equal(same.numpy(), unit(every))

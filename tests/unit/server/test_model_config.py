@@ -16,6 +16,7 @@ from salience_server.model_config import (
     BatchingOverrides,
     ExplainDefaults,
     ModelConfig,
+    InputConfig,
     ModelConfigError,
     ModelLimits,
     PreprocessConfig,
@@ -60,6 +61,10 @@ scale = 0.5
 offset = [-1.0, 0.0, 1.0]
 channel_order = "bgr"
 resize = "bilinear"
+
+[inputs.image]
+wire_dtypes = ["uint8"]
+wire_range = "unit"
 """
 
 
@@ -103,6 +108,10 @@ def test_every_key_of_a_full_file(tmp_path: Path) -> None:
         resize="bilinear",
     )
     assert config.preprocess.active
+    assert config.inputs == (InputConfig("image", ("uint8",), "unit"),)
+    assert config.input_config("image").wire_dtypes == ("uint8",)
+    # An input without a table accepts its own dtype only.
+    assert config.input_config("mask") == InputConfig("mask", (), "raw")
 
 
 @pytest.mark.parametrize(
@@ -207,6 +216,20 @@ BAD = [
     ("labels_file = 'missing.txt'", "config.toml: labels_file='missing.txt' does not exist in "
      "the model directory"),
     ("labels = [", "config.toml is not valid TOML:"),
+    ("[inputs.image]\nwire_dtypes = ['int32']", "config.toml: inputs.image.wire_dtypes[0]="
+     "'int32' is not allowed: use 'uint8'"),
+    ("[inputs.image]\nwire_dtypes = 'uint8'", "config.toml: inputs.image.wire_dtypes='uint8' "
+     "is not allowed: use a list of strings"),
+    ("[inputs.image]\nwire_dtypes = ['uint8', 'uint8']", "config.toml: inputs.image."
+     "wire_dtypes=['uint8', 'uint8'] lists a dtype twice"),
+    ("[inputs.image]\nwire_range = 'unit'", "config.toml: inputs.image.wire_range='unit' is "
+     "set without wire_dtypes: add wire_dtypes"),
+    ("[inputs.image]\nwire_dtypes = ['uint8']\nwire_range = 'percent'", "config.toml: inputs."
+     "image.wire_range='percent' is not allowed: use one of 'raw', 'unit'"),
+    ("[inputs.image]\nwire_dtype = 'uint8'", "config.toml: inputs.image.wire_dtype is not a key "
+     "of table [inputs.image]: use 'wire_dtypes', 'wire_range'"),
+    ("inputs = 3", "config.toml: inputs=3 is not a table"),
+    ("[inputs]\nimage = 'uint8'", "config.toml: inputs.image='uint8' is not a table"),
 ]  # fmt: skip
 
 
@@ -304,7 +327,9 @@ def test_the_demo_shapes_model_names_its_classes() -> None:
     from salience_server.demo.data import SHAPE_CLASSES
 
     assert load_model_config(MODELS_DIR / "shapes").labels == SHAPE_CLASSES
-    assert load_model_config(MODELS_DIR / "steering") == ModelConfig()
+    assert load_model_config(MODELS_DIR / "steering").input_config("image").wire_dtypes == (
+        "uint8",
+    )
 
 
 def test_the_readme_example_is_a_valid_configuration(tmp_path: Path) -> None:
