@@ -164,7 +164,8 @@ def test_nothing_loadable_is_an_error_naming_every_failure(tmp_path: Path, tiny:
     assert str(failed.value) == (
         f"no model under {tmp_path} could be loaded: a version 1: a/1 is "
         "broken; b: config.toml: colour is not a key of the top level: use 'version_policy', "
-        "'labels', 'labels_file', 'labels_output', 'batching', 'explain', 'limits', 'preprocess'"
+        "'labels', 'labels_file', 'labels_output', 'batching', 'explain', 'limits', 'preprocess', "
+        "'inputs'"
     )
     with pytest.raises(RepositoryError, match="no model found under"):
         ModelRepository.load(tmp_path / "a" / "1", loader=FakeLoader(tiny), warm_up=False)
