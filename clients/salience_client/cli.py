@@ -1257,6 +1257,10 @@ def cmd_serve(argv: Sequence[str]) -> int:
         print(f"salience serve: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     try:
+        from salience_server.logs import import_tensorflow
+
+        # First, so that its start-up lines are written once each, in the server's format.
+        import_tensorflow()
         from salience_server.app import serve
         from salience_server.plugins import PluginError
         from salience_server.repository import RepositoryError

@@ -47,13 +47,12 @@ from prometheus_client import CollectorRegistry
 
 from inference.v2 import grpc_service_pb2_grpc
 from salience.v1 import salience_pb2, salience_pb2_grpc
-from salience_server import connections, devices
+from salience_server import connections, devices, logs
 from salience_server.core import InferenceCore
 from salience_server.demo import bundled_repository
 from salience_server.devices import Placement
 from salience_server.errors import Call, ErrorInterceptor
 from salience_server.logs import RepeatLimiter
-from salience_server.logs import install as install_limiter
 from salience_server.metrics import Metrics
 from salience_server.oip import SERVICE_NAME as OIP_SERVICE_NAME
 from salience_server.oip import OipServicer
@@ -507,11 +506,9 @@ async def _summarise(limiter: RepeatLimiter) -> None:
 
 def serve(settings: Settings) -> None:
     """Blocking entry point used by `salience serve` and `python -m salience_server`."""
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    limiter = logs.setup(
+        settings.log_level, settings.log_repeat_burst, settings.log_repeat_window_seconds
     )
-    limiter = install_limiter(settings.log_repeat_burst, settings.log_repeat_window_seconds)
     try:
         asyncio.run(run(settings, limiter))
     finally:

@@ -13,11 +13,25 @@ passes, by a periodic task of the server, and at exit), so nothing goes unseen:
     the last 60 s were not logged
 
 Records below WARNING pass untouched (the server logs no INFO line per call).
+
+`setup` is the server's one logging set-up: one handler (the root's, in the
+server's format, behind the limiter) writes every line, TensorFlow's included.
+TensorFlow's Python logger gets a handler of its own when it is first used before
+the root has one (its lines then printed twice: once in its format, once in ours);
+`setup` takes it away, so they reach the root's handler only. Its native start-up
+lines ("oneDNN custom operations are on", printed once by each of the two shared
+libraries it loads, each after a line about absl's initialisation) are captured
+while `import_tensorflow` imports it, and `setup` writes each distinct one once,
+through the `tensorflow` logger.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -113,3 +127,77 @@ def install(burst: int, window: float) -> RepeatLimiter:
     for handler in logging.getLogger().handlers:
         handler.addFilter(limiter)
     return limiter
+
+
+# A native TensorFlow (absl) log line: "I0000 00:00:1796410725.579148   17356
+# port.cc:153] message"; its level letter, source location and message.
+NATIVE_LINE = re.compile(r"^([IWEF])\d{4} [\d:.]+\s+\d+ (\S+:\d+)\] ?(.*)$")
+# absl's notice that it writes to stderr before its initialisation: true only of the
+# captured import, and printed once per shared library.
+ABSL_NOTICE = "WARNING: All log messages before absl::InitializeLog() is called"
+NATIVE_LEVELS = {"I": logging.INFO, "W": logging.WARNING, "E": logging.ERROR, "F": logging.CRITICAL}
+
+# TensorFlow's native start-up lines, captured by import_tensorflow: (level, text).
+_native: list[tuple[int, str]] = []
+
+
+def import_tensorflow() -> None:
+    """Imports TensorFlow with what it writes to stderr meanwhile (its native start-up
+    lines) captured, for `setup` to write once each in the server's format. If the
+    import fails, what it wrote goes to stderr as it was, then the error is raised.
+    """
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            os.write(2, captured.read())
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        text = captured.read().decode("utf-8", "replace")
+    _native.extend(parse_native(text))
+
+
+def parse_native(text: str) -> list[tuple[int, str]]:
+    """Distinct native log lines as (level, "port.cc:153] message"), in order; a line
+    that is not one continues the one before it (or stands alone, as a warning).
+    """
+    records: list[tuple[int, str]] = []
+    for line in text.splitlines():
+        if not line.strip() or line.startswith(ABSL_NOTICE):
+            continue
+        found = NATIVE_LINE.match(line)
+        if found:
+            level, where, message = found.groups()
+            records.append((NATIVE_LEVELS[level], f"{where}] {message}"))
+        elif records:
+            level, message = records[-1]
+            records[-1] = (level, f"{message}\n{line}")
+        else:
+            records.append((logging.WARNING, line))
+    return list(dict.fromkeys(records))
+
+
+def setup(level: str, burst: int, window: float) -> RepeatLimiter:
+    """The server's logging: the root's handler in the server's format, behind a
+    RepeatLimiter (returned); TensorFlow's lines through it only, each once.
+    """
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tf_logger = logging.getLogger("tensorflow")
+    for handler in list(tf_logger.handlers):
+        tf_logger.removeHandler(handler)
+    tf_logger.propagate = True
+    for record_level, message in _native:
+        tf_logger.log(record_level, "%s", message)
+    _native.clear()
+    return install(burst, window)
