@@ -283,9 +283,7 @@ def _input_spec(runtime: ModelDevice, info: TensorInfo) -> pb.TensorSpec:
     """An input's spec with the dtypes it accepts on the wire (the model's first)."""
     spec = _tensor_spec(info)
     wire = runtime.config.input_config(info.name)
-    spec.accepted_dtypes.extend(
-        tensors.wire_dtype(d) for d in (info.dtype, *wire.wire_dtypes)
-    )
+    spec.accepted_dtypes.extend(tensors.wire_dtype(d) for d in (info.dtype, *wire.wire_dtypes))
     if wire.wire_dtypes:
         spec.wire_range = wire.wire_range
     return spec

@@ -192,7 +192,9 @@ def setup(level: str, burst: int, window: float) -> RepeatLimiter:
     """The server's logging: the root's handler in the server's format, behind a
     RepeatLimiter (returned); TensorFlow's lines through it only, each once.
     """
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     tf_logger = logging.getLogger("tensorflow")
     for handler in list(tf_logger.handlers):
         tf_logger.removeHandler(handler)

@@ -208,9 +208,7 @@ class WireCast:
         every input at once (the others' first wire dtype, or their own).
         """
         widest = max((len(d) for d in self.accepted), default=1)
-        return [
-            tuple(d[min(j, len(d) - 1)] for d in self.accepted) for j in range(1, widest)
-        ]
+        return [tuple(d[min(j, len(d) - 1)] for d in self.accepted) for j in range(1, widest)]
 
     def cast(self, inputs: Sequence[Any]) -> tuple[Any, ...]:
         """TensorFlow tensors of wire dtypes as the model's inputs."""

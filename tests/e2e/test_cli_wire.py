@@ -120,7 +120,9 @@ def test_models_json_lists_the_accepted_dtypes(server: RunningServer) -> None:
 def test_the_demo_models_answer_uint8_as_the_float_images(
     server: RunningServer, model: str
 ) -> None:
-    images = generate_shapes(3, seed=9).images if model == "shapes" else generate_roads(3, seed=9).images
+    images = (
+        generate_shapes(3, seed=9).images if model == "shapes" else generate_roads(3, seed=9).images
+    )
     pixels = np.round(images * 255).astype(np.uint8)
     floats = pixels.astype(np.float32) / np.float32(255)
     client = server.client()

@@ -34,19 +34,18 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_tensorflow_lines_are_written_once_in_the_servers_format(repo: Path) -> None:
     from salience_client import SalienceClient
 
-    with salience_serve(repo) as server:
-        with SalienceClient(server.target) as client:
-            # As an audit does: explanations of many layers, each a function of its
-            # own, until TensorFlow warns of retracing.
-            x = np.random.default_rng(0).random((1, 64, 64, 3), dtype=np.float32)
-            layers = [
-                layer.name
-                for layer in client.metadata("shapes").layers[1:]
-                if len(layer.output_shape) in (2, 4)
-            ]
-            assert len(layers) >= 6, layers
-            for name in layers:
-                client.explain("shapes", x, layer=name, filter_indices=[0])
+    with salience_serve(repo) as server, SalienceClient(server.target) as client:
+        # As an audit does: explanations of many layers, each a function of its
+        # own, until TensorFlow warns of retracing.
+        x = np.random.default_rng(0).random((1, 64, 64, 3), dtype=np.float32)
+        layers = [
+            layer.name
+            for layer in client.metadata("shapes").layers[1:]
+            if len(layer.output_shape) in (2, 4)
+        ]
+        assert len(layers) >= 6, layers
+        for name in layers:
+            client.explain("shapes", x, layer=name, filter_indices=[0])
     lines = "".join(server.log).splitlines()
     ours = [OURS.match(line) for line in lines]
     # Every line is the server's (continuations of a multi-line message aside):

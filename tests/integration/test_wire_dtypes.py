@@ -161,9 +161,7 @@ def test_uint8_and_float_requests_batched_together_keep_their_rows(server: Runni
 
     async def go() -> list[Any]:
         async with AsyncSalienceClient(server.target) as client:
-            calls = [
-                client.predict("unit", p if k % 2 else unit(p)) for k, p in enumerate(images)
-            ]
+            calls = [client.predict("unit", p if k % 2 else unit(p)) for k, p in enumerate(images)]
             alone = [await client.predict("unit", unit(p)) for p in images]
             return [*(await asyncio.gather(*calls)), *alone]
 

@@ -15,8 +15,8 @@ from salience_server.explain.options import ExplainOptions, Limits
 from salience_server.model_config import (
     BatchingOverrides,
     ExplainDefaults,
-    ModelConfig,
     InputConfig,
+    ModelConfig,
     ModelConfigError,
     ModelLimits,
     PreprocessConfig,
