@@ -39,12 +39,14 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("wire-repo")
     for name in ("unit", "raw", "plain", "resized"):
         save_model(root, name, model)
+    model.export(str(root / "saved" / "1"), verbose=False)
 
     def config(name: str, text: str) -> None:
         (root / name / "config.toml").write_text(textwrap.dedent(text))
 
     # uint8 p stands for the float p / 255, the [0, 1] image a float sender sends.
     config("unit", '[inputs.image]\nwire_dtypes = ["uint8"]\nwire_range = "unit"\n')
+    config("saved", '[inputs.image]\nwire_dtypes = ["uint8"]\nwire_range = "unit"\n')
     # uint8 p stands for the float p; [preprocess] scales both to the model's range.
     config(
         "raw",
@@ -119,6 +121,16 @@ def test_uint8_gets_the_predictions_and_maps_of_the_float_image(
         else:
             np.testing.assert_allclose(as_uint8.maps[name], saliency, rtol=1e-4, atol=1e-6)
         assert np.abs(saliency.astype(np.float64)).max() > 0
+
+
+def test_a_saved_model_takes_uint8_alike(client: SalienceClient) -> None:
+    p = pixels(seed=4)
+    got = client.explain("saved", p, filter_indices=[1], normalize=False)
+    want = client.explain("saved", unit(p), filter_indices=[1], normalize=False)
+    np.testing.assert_allclose(got.predictions, want.predictions, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(got.maps["absolute"], want.maps["absolute"], rtol=1e-4, atol=1e-7)
+    keras_model = client.predict("unit", p).predictions
+    np.testing.assert_allclose(got.predictions, keras_model, rtol=1e-5, atol=1e-6)
 
 
 def test_uint8_predict_equals_float_predict(client: SalienceClient) -> None:
