@@ -149,7 +149,12 @@ def import_tensorflow() -> None:
     if "tensorflow" in sys.modules:
         return
     sys.stderr.flush()
-    saved = os.dup(2)
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to capture: nothing of its lines can be seen anyway
+        import tensorflow
+
+        return
     with tempfile.TemporaryFile(mode="w+b") as captured:
         os.dup2(captured.fileno(), 2)
         try:
