@@ -10,8 +10,10 @@
 An INPUT is a `.npy` file (one sample, or a batch with the batch axis first) or an
 image Pillow can read. The model's metadata says how to read it: a `.npy` sample
 gets a batch axis, floating-point values are cast to the model's float dtype, and
-images become float values in [0, 1] with the model's channel count. Images are
-never resized: a size mismatch is an error naming both sizes.
+images become float values in [0, 1] with the model's channel count — or, for an
+input that accepts uint8 on the wire, go as their uint8 pixels (a quarter of the
+bytes, the same answers; `--float32` sends floats). Images are never resized: a
+size mismatch is an error naming both sizes.
 
 Exit status: 0 on success, 1 when the server answers with an error (or cannot be
 reached), 2 for a usage error (bad option, unreadable input, output that cannot be
