@@ -39,7 +39,6 @@ import base64
 import html
 import io
 import json
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +48,9 @@ import numpy as np
 from PIL import Image
 
 from salience_client import audit_metrics as am
-from salience_client.cli import EXIT_OK, UsageError, _client, parse_positive
-from salience_client.client import SalienceClient, SalienceError
+from salience_client.client import SalienceClient
+from salience_client.inputs import UsageError
+from salience_client.results import SalienceError
 
 # Audit names of the maps: the server's method plus options (guided backprop is
 # vanilla saliency with the guided backprop modifier).
@@ -85,52 +85,6 @@ class AuditData:
     labels: np.ndarray | None
     names: list[str]
     source: str
-
-
-def add_parser(commands: Any, parents: Sequence[argparse.ArgumentParser]) -> None:
-    """Adds `audit` to the `salience` subcommands."""
-    audit = commands.add_parser(
-        "audit",
-        parents=list(parents),
-        help="score where saliency maps land and whether they are faithful",
-        description=(__doc__ or "").split("\n\n", 2)[-1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    audit.add_argument(
-        "--model", required=True, metavar="NAME[,NAME...]", help="model(s) to audit, same data"
-    )
-    audit.add_argument(
-        "--data", required=True, metavar="DIR|generated", help="image directory or 'generated'"
-    )
-    audit.add_argument("--count", type=parse_positive, default=DEFAULT_COUNT, metavar="N")
-    audit.add_argument("--seed", type=int, default=DEFAULT_SEED, help="data, random orders")
-    audit.add_argument(
-        "--methods",
-        default=DEFAULT_METHODS,
-        metavar="M[,M...]",
-        help=f"of {', '.join(METHOD_OPTIONS)} (default {DEFAULT_METHODS})",
-    )
-    audit.add_argument("--steps", type=parse_positive, default=DEFAULT_STEPS, metavar="K")
-    audit.add_argument(
-        "--baseline",
-        choices=("rise", "zeros", "blur"),
-        default="rise",
-        help="what removed pixels become: rise = zeros for deletion, blur for insertion",
-    )
-    audit.add_argument("--blur-sigma", type=float, default=DEFAULT_BLUR_SIGMA, metavar="PX")
-    audit.add_argument(
-        "--randomize-images",
-        type=int,
-        default=DEFAULT_RANDOMIZE_IMAGES,
-        metavar="N",
-        help="images of the randomisation check (0 skips it)",
-    )
-    audit.add_argument("--batch-size", type=parse_positive, default=DEFAULT_BATCH, metavar="B")
-    audit.add_argument("--json", type=Path, metavar="FILE", help="write the figures here")
-    audit.add_argument("--report", type=Path, metavar="FILE.html", help="write the HTML report")
-    audit.add_argument("--plot", type=Path, metavar="FILE.png", help="write the energy plot")
-    audit.add_argument("--no-progress", action="store_true", help="no progress bar")
-    audit.set_defaults(subparser=audit)
 
 
 # Data ------------------------------------------------------------------------
@@ -409,73 +363,6 @@ def _randomized_names(
         **{**options, "randomize_layers": depth, "randomize_seed": seed},
     )
     return list(result.resolved.randomized_layers)
-
-
-def cmd_audit(args: argparse.Namespace) -> int:
-    """Runs the audit of every `--model` on one data set."""
-    from tqdm import tqdm
-
-    models = [m for m in args.model.split(",") if m]
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in METHOD_OPTIONS]
-    if unknown or not methods:
-        raise UsageError(
-            f"--methods {','.join(unknown) or '(none)'}: choose from {', '.join(METHOD_OPTIONS)}"
-        )
-    if args.report is not None and args.report.suffix.lower() not in (".html", ".htm"):
-        raise UsageError(f"--report {args.report} must name an .html file")
-    result: dict[str, Any] = {"models": {}}
-    arrays: dict[str, Any] = {}
-    with _client(args) as client:
-        shape = [int(d) for d in client.metadata(models[0]).inputs[0].shape[1:]]
-        if args.data == "generated":
-            data = generated_data(shape, args.count, args.seed)
-        else:
-            data = directory_data(Path(args.data), shape, args.count)
-        result.update(
-            data=data.source,
-            images=len(data.images),
-            methods=methods,
-            steps=args.steps,
-            baseline=args.baseline,
-            blur_sigma=args.blur_sigma,
-            seed=args.seed,
-            object_area=am.summary(data.masks.reshape(len(data.masks), -1).mean(axis=1)),
-        )
-        if data.cue_masks is not None:
-            result["cue_area"] = am.summary(
-                data.cue_masks.reshape(len(data.cue_masks), -1).mean(axis=1)
-            )
-        per_model = 2 + 3 * len(methods)
-        with tqdm(
-            total=per_model * len(models),
-            desc="audit",
-            unit="step",
-            disable=args.no_progress,
-            file=sys.stderr,
-        ) as bar:
-
-            def progress(what: str) -> None:
-                bar.set_postfix_str(what)
-                bar.update(1)
-
-            for model in models:
-                figures, arrays[model] = audit_model(client, model, data, methods, args, progress)
-                result["models"][model] = figures
-    text = json.dumps(result, indent=2)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    else:
-        print(text)
-    if args.plot is not None:
-        args.plot.parent.mkdir(parents=True, exist_ok=True)
-        args.plot.write_bytes(energy_plot(result))
-    if args.report is not None:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(render_report(result, arrays, data), encoding="utf-8")
-    print(summary_lines(result), file=sys.stderr)
-    return EXIT_OK
 
 
 def summary_lines(result: dict[str, Any]) -> str:

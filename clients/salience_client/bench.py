@@ -38,7 +38,7 @@ from inference.v2 import grpc_service_pb2 as oip
 from salience.v1 import salience_pb2 as pb
 from salience_client import tensors
 from salience_client.channel import ChannelConfig
-from salience_client.client import explanation_request
+from salience_client.messages import explanation_request
 
 PREDICT = "predict"
 EXPLAIN = "explain"

@@ -13,23 +13,15 @@ import pytest
 from PIL import Image
 
 from salience.v1 import salience_pb2 as pb
-from salience_client.cli import (
-    InputBatch,
-    LoadedInput,
-    UsageError,
-    check_overlayable,
-    explanation_arrays,
-    format_models,
-    format_predictions,
-    load_input,
-    load_inputs,
-    main,
-    models_json,
-    parse_args,
-    parse_objective,
-)
-from salience_client.cli import InputSpec as Spec
+from salience_client.cli import main
+from salience_client.cli.entry import parse_args
+from salience_client.cli.models import format_models, models_json
+from salience_client.cli.options import UsageError, parse_objective
+from salience_client.cli.outputs import check_overlayable, explanation_arrays
+from salience_client.cli.predict import format_predictions
 from salience_client.client import Explanation, Objective
+from salience_client.inputs import InputBatch, LoadedInput, load_input, load_inputs
+from salience_client.inputs import InputSpec as Spec
 from salience_client.overlay import overlay
 
 EXPLAIN = ["explain", "--model", "m", "--out", "maps.npz", "x.npy"]
@@ -447,7 +439,7 @@ def test_overlays_are_named_by_input_sample_and_modifier(tmp_path: Path) -> None
         model_version=1,
         resolved=pb.ResolvedExplanation(),
     )
-    from salience_client.cli import write_overlays
+    from salience_client.cli.outputs import write_overlays
 
     written = write_overlays(
         tmp_path / "out", InputBatch(images, sources), result, colormap="magma", alpha=0.4
@@ -501,7 +493,7 @@ def test_importing_the_cli_loads_neither_tensorflow_nor_the_server() -> None:
     import subprocess
 
     code = (
-        "import sys, salience_client.cli, salience_client.overlay\n"
+        "import sys, salience_client.cli.entry, salience_client.overlay\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
         "{'tensorflow', 'keras', 'salience_server', 'matplotlib'})\n"
         "print(heavy)\n"
