@@ -1,7 +1,7 @@
 """The `salience` command line: serve models, list them, predict and explain from files.
 
     salience serve --model-repository models/ --port 50051
-    salience models --target localhost:50051 --json
+    salience models --wait --json          # --target, or $SALIENCE_TARGET
     salience predict --model shapes --out predictions.npz cat.png dog.png
     salience explain --model shapes --filter-indices 2 --grad-modifier relu --out maps/ cat.png
     salience bench --model shapes --rpc explain --concurrency 32 --duration 20
@@ -15,7 +15,8 @@ never resized: a size mismatch is an error naming both sizes.
 
 Exit status: 0 on success, 1 when the server answers with an error (or cannot be
 reached), 2 for a usage error (bad option, unreadable input, output that cannot be
-written). User errors print one message, never a traceback.
+written), 3 from `salience models --wait` when a model failed to load or was still
+loading when the wait ran out. User errors print one message, never a traceback.
 
 The package is one module per command (`models`, `predict`, `explain`, `bench`,
 `review`, `audit`, `serve`), the options every command shares (`options`), the

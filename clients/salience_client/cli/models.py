@@ -1,22 +1,45 @@
-"""`salience models`: the served models, their versions, inputs and outputs."""
+"""`salience models`: the served models, their versions, inputs and outputs.
+
+    salience models --wait          # blocks until every model is ready or failed
+
+With `--wait [SECONDS]` (default 300) it asks again until no version is loading or
+unloading, retrying while no server answers yet (one just started), then prints the
+list as without it. Its exit status then says whether everything is ready: 0 when
+every version listed is ready, 3 (`EXIT_NOT_READY`) when one failed to load, or was
+still loading when the wait ran out; 1 when no server answered within the wait.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
+
+import grpc
 
 from salience.v1 import salience_pb2 as pb
 from salience_client import tensors
 from salience_client.cli.options import (
+    EXIT_NOT_READY,
     EXIT_OK,
     open_client,
+    parse_timeout,
     print_lines,
 )
+from salience_client.client import SalienceClient
+from salience_client.results import SalienceError
 
 # Class labels `salience models` prints per output before shortening the list.
 LABELS_SHOWN = 8
+DEFAULT_WAIT_SECONDS = 300.0
+# How often `--wait` asks again: often enough to return soon after the last load.
+POLL_SECONDS = 0.25
+# States a version passes through on its way to ready, failed or gone.
+SETTLING = (pb.VERSION_STATE_LOADING, pb.VERSION_STATE_UNLOADING)
 
 
 def add_parser(commands: Any, connection: argparse.ArgumentParser) -> None:
@@ -25,6 +48,16 @@ def add_parser(commands: Any, connection: argparse.ArgumentParser) -> None:
         "models", parents=[connection], help="list the served models, their inputs and outputs"
     )
     models.add_argument("--json", action="store_true", help="print a JSON list")
+    models.add_argument(
+        "--wait",
+        type=parse_timeout,
+        nargs="?",
+        const=DEFAULT_WAIT_SECONDS,
+        metavar="SECONDS",
+        help=f"block until every model is ready or failed, for at most SECONDS (default "
+        f"{DEFAULT_WAIT_SECONDS:g}; a server not yet answering is waited for too); exit "
+        f"status {EXIT_NOT_READY} when one failed or is still loading, 0 when all are ready",
+    )
     models.set_defaults(run=run)
 
 
@@ -98,11 +131,84 @@ def format_models(models: Sequence[pb.ModelMetadata]) -> list[str]:
     return lines
 
 
+@dataclass(frozen=True)
+class Readiness:
+    """What the listed versions say: which settle still, and which failed."""
+
+    settling: list[str]
+    failed: list[str]
+
+    @classmethod
+    def of(cls, models: Sequence[pb.ModelMetadata]) -> Readiness:
+        settling, failed = [], []
+        for m in models:
+            for status in m.version_status:
+                which = f"{m.name} version {status.version}" if status.version else m.name
+                if status.state in SETTLING:
+                    settling.append(f"{which} ({version_state(status)})")
+                elif status.state == pb.VERSION_STATE_FAILED:
+                    failed.append(f"{which} (failed)")
+        return cls(settling, failed)
+
+    @property
+    def settled(self) -> bool:
+        return not self.settling
+
+    @property
+    def ready(self) -> bool:
+        return not self.settling and not self.failed
+
+
+def wait_for_models(client: SalienceClient, seconds: float) -> list[pb.ModelMetadata]:
+    """The model list once no version is loading or unloading, or when `seconds`
+    have passed; a server that does not answer yet is asked again (and UNAVAILABLE
+    raised when none answered within the wait).
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            call = min(left, client.timeout) if client.timeout is not None else left
+            models = client.list_models(timeout=max(call, POLL_SECONDS))
+        except SalienceError as err:
+            # No server yet: the channel retries UNAVAILABLE until the call's deadline.
+            if err.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise
+            if deadline - time.monotonic() <= 0:
+                raise SalienceError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"no answer within --wait {seconds:g} s ({err.code.name}: {err.details})",
+                ) from None
+        else:
+            if Readiness.of(models).settled or left <= 0:
+                return models
+        time.sleep(max(0.0, min(POLL_SECONDS, deadline - time.monotonic())))
+
+
 def run(args: argparse.Namespace) -> int:
     with open_client(args) as client:
-        models = client.list_models()
+        wait = args.wait
+        models = client.list_models() if wait is None else wait_for_models(client, wait)
     if args.json:
         print(json.dumps(models_json(models), indent=2))
     else:
         print_lines(format_models(models))
-    return EXIT_OK
+    if args.wait is None:
+        return EXIT_OK
+    readiness = Readiness.of(models)
+    if readiness.ready:
+        return EXIT_OK
+    if readiness.settling:
+        print(
+            f"salience models: not ready after {args.wait:g} s: still "
+            + ", ".join(readiness.settling),
+            file=sys.stderr,
+        )
+    if readiness.failed:
+        print(
+            "salience models: not ready: "
+            + ", ".join(readiness.failed)
+            + " (the reasons are listed above)",
+            file=sys.stderr,
+        )
+    return EXIT_NOT_READY

@@ -21,6 +21,8 @@ from salience_client.results import Objective
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+# `salience models --wait`: a model failed to load, or still loads when the wait ends.
+EXIT_NOT_READY = 3
 
 TARGET_ENV = "SALIENCE_TARGET"
 TOKEN_ENV = "SALIENCE_TOKEN"

@@ -501,3 +501,45 @@ def test_importing_the_cli_loads_neither_tensorflow_nor_the_server() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+# models --wait ----------------------------------------------------------------------
+
+
+def test_readiness_settles_when_nothing_loads_and_is_ready_when_nothing_failed() -> None:
+    from salience_client.cli.models import Readiness
+
+    def model(name: str, *states: int) -> pb.ModelMetadata:
+        statuses = [pb.VersionStatus(version=v + 1, state=s) for v, s in enumerate(states)]
+        return pb.ModelMetadata(name=name, version_status=statuses)
+
+    loading = Readiness.of([model("a", pb.VERSION_STATE_READY, pb.VERSION_STATE_LOADING)])
+    assert (loading.settled, loading.ready) == (False, False)
+    assert loading.settling == ["a version 2 (loading)"]
+    failed = Readiness.of([model("a", pb.VERSION_STATE_READY), model("b", pb.VERSION_STATE_FAILED)])
+    assert (failed.settled, failed.ready, failed.failed) == (True, False, ["b version 1 (failed)"])
+    ready = Readiness.of([model("a", pb.VERSION_STATE_READY, pb.VERSION_STATE_READY)])
+    assert (ready.settled, ready.ready) == (True, True)
+    unloading = Readiness.of([model("a", pb.VERSION_STATE_UNLOADING)])
+    assert unloading.settling == ["a version 1 (unloading)"]
+
+
+def test_wait_on_a_port_nothing_listens_on_ends_unavailable(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert main(["models", "--wait", "1", "--target", f"127.0.0.1:{port}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: UNAVAILABLE: no answer within --wait 1 s (")
+    assert f"hint: no salience server answered at 127.0.0.1:{port}" in err
+    assert "Traceback" not in err
+
+
+def test_wait_takes_an_optional_number_of_seconds() -> None:
+    assert parse_args(["models"]).wait is None
+    assert parse_args(["models", "--wait"]).wait == 300.0
+    assert parse_args(["models", "--wait", "2.5"]).wait == 2.5
+    with pytest.raises(SystemExit):
+        parse_args(["models", "--wait", "0"])
