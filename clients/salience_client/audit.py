@@ -366,15 +366,19 @@ def _randomized_names(
 
 
 def summary_lines(result: dict[str, Any]) -> str:
-    """One line per model and method: the figures that answer the question."""
+    """One line per model and method: the figures that answer the question, each
+    named with its statistic (the median energy share over the images, as the report
+    and the README give it; the mean curve areas, as the report gives them).
+    """
     lines = []
     for model, figures in result["models"].items():
         for name, m in figures["methods"].items():
-            cue = m.get("energy_cue", {}).get("mean")
+            cue = m.get("energy_cue", {}).get("median")
             lines.append(
-                f"{model:>16} {name:>16}: energy on object {m['energy_object']['mean']:.3f}"
+                f"{model:>16} {name:>16}: median energy on object "
+                f"{m['energy_object']['median']:.3f}"
                 + (f", on cue {cue:.3f}" if cue is not None else "")
-                + f"; insertion {m['insertion']['area']['mean']:.3f} vs random "
+                + f"; mean insertion area {m['insertion']['area']['mean']:.3f} vs random "
                 f"{m['insertion']['random_area']['mean']:.3f}"
             )
     return "\n".join(lines)
@@ -441,12 +445,12 @@ def curves_plot(figures: dict[str, Any]) -> bytes:
         for name, m in figures["methods"].items():
             curve = m[mode]["curve"]
             t = np.linspace(0, 1, len(curve))
-            ax.plot(t, curve, label=f"{name} ({m[mode]['area']['mean']:.2f})")
+            ax.plot(t, curve, label=f"{name} (mean area {m[mode]['area']['mean']:.2f})")
             random_curve = m[mode]["random_curve"]
         if random_curve is not None:
             t = np.linspace(0, 1, len(random_curve))
             area = float(am.curve_area(np.asarray(random_curve)))
-            ax.plot(t, random_curve, "k--", label=f"random ({area:.2f})")
+            ax.plot(t, random_curve, "k--", label=f"random (area of the mean {area:.2f})")
         ax.set_title(f"{mode} (area)")
         ax.set_xlabel("fraction of pixels " + ("removed" if mode == am.DELETION else "inserted"))
         ax.set_ylim(0, 1.05)
@@ -519,9 +523,9 @@ def render_report(result: dict[str, Any], arrays: dict[str, Any], data: AuditDat
         f"<p>Data: {html.escape(result['data'])}, {result['images']} images; deletion/insertion "
         f"in {result['steps']} steps, baseline {html.escape(result['baseline'])}.</p>",
         f"<img alt='energy share' src='{_uri(energy_plot(result))}'>",
-        "<table><tr><th>model</th><th>method</th><th>energy on object</th><th>on cue</th>"
-        "<th>pointing (object)</th><th>deletion area (random)</th>"
-        "<th>insertion area (random)</th></tr>",
+        "<table><tr><th>model</th><th>method</th><th>median energy on object</th>"
+        "<th>on cue</th><th>pointing (object), share of images</th>"
+        "<th>mean deletion area (random)</th><th>mean insertion area (random)</th></tr>",
     ]
     for model, figures in result["models"].items():
         for name, m in figures["methods"].items():
@@ -533,7 +537,7 @@ def render_report(result: dict[str, Any], arrays: dict[str, Any], data: AuditDat
                 f"<td>{m['pointing_object']:.2f}</td>"
                 f"<td>{_vs_random(m['deletion'])}</td><td>{_vs_random(m['insertion'])}</td></tr>"
             )
-    parts.append("</table><p>Energy: medians over images.</p>")
+    parts.append("</table><p>Energy: medians over the images; areas: means over the images.</p>")
     for model, figures in result["models"].items():
         parts.append(f"<h2>{html.escape(model)}</h2>")
         if "accuracy" in figures:

@@ -14,6 +14,33 @@ from salience_client import audit
 from salience_client import audit_metrics as am
 from salience_client.cli.options import EXIT_OK, UsageError, open_client, parse_positive
 
+DESCRIPTION = """\
+For every image of a data set with object masks, asks the server for maps (one
+request per predicted class and batch, never per image) and scores them:
+
+  where the map lands   the share of the map's mass inside the object mask (and the
+                        cue mask, when there is one) and the pointing game (is the
+                        maximum inside); per image, summarised over the images
+  is it faithful        deletion and insertion curves (Petsiuk et al. 2018, RISE):
+                        pixels removed from the image, or added to a blurred copy,
+                        in order of saliency in --steps steps, the model's score of
+                        the class it first predicted read back at every step; the
+                        same curves with a random order are the baseline to beat
+  sanity check          maps of copies of the model with its top 1, 2, ... weighted
+                        layers re-initialised, compared with the trained model's by
+                        Spearman rank correlation (Adebayo et al. 2018)
+
+Data: 'generated' draws --count fresh images (shapes on a textured background cue of
+random kind) for the model's input shape, the same for every model; or DIR: images
+NAME.png (or .jpg) with their object mask NAME.mask.png beside them (non-zero pixels
+are the object) and optionally a cue mask NAME.cue.png, of the model's input size.
+
+The summary on stderr gives the median energy share over the images and the mean
+deletion and insertion areas; --json has every statistic (n, mean, median, q1, q3,
+min, max). Output: --json FILE (else stdout), --report FILE.html (one file, plots
+and images embedded), --plot FILE.png (the energy-share plot alone).
+"""
+
 
 def add_parser(commands: Any, connection: argparse.ArgumentParser) -> None:
     """Adds `audit` to the `salience` subcommands."""
@@ -21,45 +48,90 @@ def add_parser(commands: Any, connection: argparse.ArgumentParser) -> None:
         "audit",
         parents=[connection],
         help="score where saliency maps land and whether they are faithful",
-        description=(__doc__ or "").split("\n\n", 2)[-1],
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--model", required=True, metavar="NAME[,NAME...]", help="model(s) to audit, same data"
+        "--model",
+        required=True,
+        metavar="NAME[,NAME...]",
+        help="the model(s) to audit, all on the same data (required)",
     )
     parser.add_argument(
-        "--data", required=True, metavar="DIR|generated", help="image directory or 'generated'"
+        "--data",
+        required=True,
+        metavar="DIR|generated",
+        help="an image directory with masks, or 'generated' (required)",
     )
-    parser.add_argument("--count", type=parse_positive, default=audit.DEFAULT_COUNT, metavar="N")
-    parser.add_argument("--seed", type=int, default=audit.DEFAULT_SEED, help="data, random orders")
+    parser.add_argument(
+        "--count",
+        type=parse_positive,
+        default=audit.DEFAULT_COUNT,
+        metavar="N",
+        help=f"images to audit: all generated, at most N of DIR (default {audit.DEFAULT_COUNT})",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=audit.DEFAULT_SEED,
+        metavar="N",
+        help=f"seed of the generated data and of the random orders (default {audit.DEFAULT_SEED})",
+    )
     parser.add_argument(
         "--methods",
         default=audit.DEFAULT_METHODS,
         metavar="M[,M...]",
         help=f"of {', '.join(audit.METHOD_OPTIONS)} (default {audit.DEFAULT_METHODS})",
     )
-    parser.add_argument("--steps", type=parse_positive, default=audit.DEFAULT_STEPS, metavar="K")
+    parser.add_argument(
+        "--steps",
+        type=parse_positive,
+        default=audit.DEFAULT_STEPS,
+        metavar="K",
+        help=f"steps of the deletion and insertion curves (default {audit.DEFAULT_STEPS})",
+    )
     parser.add_argument(
         "--baseline",
         choices=("rise", "zeros", "blur"),
         default="rise",
-        help="what removed pixels become: rise = zeros for deletion, blur for insertion",
+        help="what removed pixels become: rise = zeros for deletion, blur for insertion "
+        "(default rise)",
     )
-    parser.add_argument("--blur-sigma", type=float, default=audit.DEFAULT_BLUR_SIGMA, metavar="PX")
+    parser.add_argument(
+        "--blur-sigma",
+        type=float,
+        default=audit.DEFAULT_BLUR_SIGMA,
+        metavar="PX",
+        help=f"Gaussian blur of the blurred baseline, in pixels "
+        f"(default {audit.DEFAULT_BLUR_SIGMA:g})",
+    )
     parser.add_argument(
         "--randomize-images",
         type=int,
         default=audit.DEFAULT_RANDOMIZE_IMAGES,
         metavar="N",
-        help="images of the randomisation check (0 skips it)",
+        help="images of the randomisation check, 0 skips it "
+        f"(default {audit.DEFAULT_RANDOMIZE_IMAGES})",
     )
     parser.add_argument(
-        "--batch-size", type=parse_positive, default=audit.DEFAULT_BATCH, metavar="B"
+        "--batch-size",
+        type=parse_positive,
+        default=audit.DEFAULT_BATCH,
+        metavar="B",
+        help=f"images per request (default {audit.DEFAULT_BATCH})",
     )
-    parser.add_argument("--json", type=Path, metavar="FILE", help="write the figures here")
-    parser.add_argument("--report", type=Path, metavar="FILE.html", help="write the HTML report")
-    parser.add_argument("--plot", type=Path, metavar="FILE.png", help="write the energy plot")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--json", type=Path, metavar="FILE", help="write the figures here (default: stdout)"
+    )
+    parser.add_argument(
+        "--report", type=Path, metavar="FILE.html", help="write the HTML report (default: none)"
+    )
+    parser.add_argument(
+        "--plot", type=Path, metavar="FILE.png", help="write the energy plot (default: none)"
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (default: one on stderr)"
+    )
     parser.set_defaults(run=run)
 
 
