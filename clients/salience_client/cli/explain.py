@@ -52,6 +52,12 @@ def add_parser(commands: Any, connection: argparse.ArgumentParser) -> None:
         help="weight of the map in overlays, in [0, 1] (default 0.5)",
     )
     explain.add_argument(
+        "--plain",
+        action="store_true",
+        help="overlays alone at the input's size, without the title (the predicted class "
+        "or value), the colour bar and the enlargement to a legible size",
+    )
+    explain.add_argument(
         "--out",
         type=Path,
         required=True,
@@ -85,16 +91,20 @@ def run(args: argparse.Namespace) -> int:
     if to_npz:
         written = [write_npz(args.out, explanation_arrays(result))]
     else:
-        from salience_client.report import class_titles
+        from salience_client.report import class_titles, value_titles
 
-        # A classifier's overlays are titled with the predicted class and its score.
-        titles = class_titles(
-            metadata,
-            result.outputs,
-            result.labels,
-            output=args.output_head,
-            filter_indices=(args.filter_indices or ()) if args.layer is None else (),
-        )
+        # Titled with the predicted class and its score (a classifier), or the
+        # predicted value; --plain: the overlay alone, at the input's size.
+        units = (args.filter_indices or ()) if args.layer is None else ()
+        titles = None
+        if not args.plain:
+            titles = class_titles(
+                metadata,
+                result.outputs,
+                result.labels,
+                output=args.output_head,
+                filter_indices=units,
+            ) or value_titles(result.outputs, output=args.output_head, filter_indices=units)
         written = write_overlays(
             args.out, batch, result, colormap=args.colormap, alpha=args.alpha, titles=titles
         )

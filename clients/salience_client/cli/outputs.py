@@ -87,7 +87,9 @@ def write_overlays(
 ) -> list[Path]:
     """`<stem>_<modifier>.png` per input (`<stem>_<i>_<modifier>.png` for a batch file).
 
-    With `titles` (one per sample), each overlay is drawn under its sample's title.
+    With `titles` (one per sample), each overlay is drawn legible at a glance: under
+    its sample's title, beside a colour bar, at least `report.MIN_OVERLAY_SIDE` pixels
+    on its smaller side (`report.annotated_overlay`); without, at the input's size.
     """
     from salience_client.overlay import save_overlay
 
@@ -106,7 +108,7 @@ def write_overlays(
                     if titles is None:
                         save_overlay(path, batch.array[k], maps[k], colormap=colormap, alpha=alpha)
                     else:
-                        _save_titled(path, batch.array[k], maps[k], titles[k], colormap, alpha)
+                        _save_annotated(path, batch.array[k], maps[k], titles[k], colormap, alpha)
                 except OSError as err:
                     raise UsageError(f"cannot write {path}: {err.strerror or err}") from None
                 written.append(path)
@@ -114,13 +116,13 @@ def write_overlays(
     return written
 
 
-def _save_titled(
+def _save_annotated(
     path: Path, image: np.ndarray, saliency: np.ndarray, title: str, colormap: str, alpha: float
 ) -> None:
     from PIL import Image
 
     from salience_client.overlay import overlay
-    from salience_client.report import titled
+    from salience_client.report import annotated_overlay
 
     rgb = overlay(image, saliency, colormap=colormap, alpha=alpha)
-    Image.fromarray(titled(rgb, title)).save(path, format="PNG")
+    Image.fromarray(annotated_overlay(rgb, title, colormap)).save(path, format="PNG")
