@@ -14,6 +14,7 @@ from salience_client.cli import audit, bench, explain, models, predict, review, 
 from salience_client.cli.options import (
     DEFAULT_TARGET,
     EXIT_FAILURE,
+    EXIT_NOT_READY,
     EXIT_OK,
     EXIT_USAGE,
     TARGET_ENV,
@@ -29,7 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="salience",
         description="Serve Keras models and explain their predictions with saliency maps.",
-        epilog="Run `salience COMMAND --help` for the options of one command.",
+        epilog="Run `salience COMMAND --help` for the options of one command. Exit status: "
+        f"{EXIT_OK} on success, {EXIT_FAILURE} when the server answers with an error or "
+        f"cannot be reached, {EXIT_USAGE} for a usage error (a bad option, input or output), "
+        f"{EXIT_NOT_READY} when `salience models --wait` finds a model failed or still "
+        "loading.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve.add_parser(commands)

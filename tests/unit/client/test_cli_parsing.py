@@ -543,3 +543,15 @@ def test_wait_takes_an_optional_number_of_seconds() -> None:
     assert parse_args(["models", "--wait", "2.5"]).wait == 2.5
     with pytest.raises(SystemExit):
         parse_args(["models", "--wait", "0"])
+
+
+def test_the_help_names_every_exit_status(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Exit status: 0 on success, 1 when the server answers with an error" in text
+    assert "2 for a usage error" in text
+    assert "3 when `salience models --wait` finds a model failed or still loading" in text
+    assert main(["models", "--help"]) == 0
+    assert "exit status 3 when one failed or is still loading" in " ".join(
+        capsys.readouterr().out.split()
+    )
