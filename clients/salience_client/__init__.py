@@ -4,13 +4,13 @@ overlay rendering, and the `salience` command line. It never imports TensorFlow.
 
 from salience_client.aio import AsyncSalienceClient
 from salience_client.channel import DEFAULT, TLS, Keepalive, RetryPolicy
-from salience_client.client import (
+from salience_client.client import SalienceClient
+from salience_client.results import (
     Explanation,
     Objective,
     Prediction,
     ResolvedExplanation,
     ResolvedObjective,
-    SalienceClient,
     SalienceError,
 )
 

@@ -19,17 +19,15 @@ from grpc import aio
 
 from salience.v1 import salience_pb2 as pb
 from salience_client.channel import DEFAULT, Timeout, check_timeout
-from salience_client.client import (
-    ClientBase,
-    Explanation,
+from salience_client.client import ClientBase
+from salience_client.messages import (
     Inputs,
-    Prediction,
-    SalienceError,
     explanation_request,
     explanation_result,
     predict_request,
     prediction_result,
 )
+from salience_client.results import Explanation, Prediction, SalienceError
 from salience_client.stream import explain_stream_async
 
 

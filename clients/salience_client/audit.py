@@ -39,7 +39,6 @@ import base64
 import html
 import io
 import json
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +48,9 @@ import numpy as np
 from PIL import Image
 
 from salience_client import audit_metrics as am
-from salience_client.cli import EXIT_OK, UsageError, _client, parse_positive
-from salience_client.client import SalienceClient, SalienceError
+from salience_client.client import SalienceClient
+from salience_client.inputs import UsageError
+from salience_client.results import SalienceError
 
 # Audit names of the maps: the server's method plus options (guided backprop is
 # vanilla saliency with the guided backprop modifier).
@@ -85,52 +85,6 @@ class AuditData:
     labels: np.ndarray | None
     names: list[str]
     source: str
-
-
-def add_parser(commands: Any, parents: Sequence[argparse.ArgumentParser]) -> None:
-    """Adds `audit` to the `salience` subcommands."""
-    audit = commands.add_parser(
-        "audit",
-        parents=list(parents),
-        help="score where saliency maps land and whether they are faithful",
-        description=(__doc__ or "").split("\n\n", 2)[-1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    audit.add_argument(
-        "--model", required=True, metavar="NAME[,NAME...]", help="model(s) to audit, same data"
-    )
-    audit.add_argument(
-        "--data", required=True, metavar="DIR|generated", help="image directory or 'generated'"
-    )
-    audit.add_argument("--count", type=parse_positive, default=DEFAULT_COUNT, metavar="N")
-    audit.add_argument("--seed", type=int, default=DEFAULT_SEED, help="data, random orders")
-    audit.add_argument(
-        "--methods",
-        default=DEFAULT_METHODS,
-        metavar="M[,M...]",
-        help=f"of {', '.join(METHOD_OPTIONS)} (default {DEFAULT_METHODS})",
-    )
-    audit.add_argument("--steps", type=parse_positive, default=DEFAULT_STEPS, metavar="K")
-    audit.add_argument(
-        "--baseline",
-        choices=("rise", "zeros", "blur"),
-        default="rise",
-        help="what removed pixels become: rise = zeros for deletion, blur for insertion",
-    )
-    audit.add_argument("--blur-sigma", type=float, default=DEFAULT_BLUR_SIGMA, metavar="PX")
-    audit.add_argument(
-        "--randomize-images",
-        type=int,
-        default=DEFAULT_RANDOMIZE_IMAGES,
-        metavar="N",
-        help="images of the randomisation check (0 skips it)",
-    )
-    audit.add_argument("--batch-size", type=parse_positive, default=DEFAULT_BATCH, metavar="B")
-    audit.add_argument("--json", type=Path, metavar="FILE", help="write the figures here")
-    audit.add_argument("--report", type=Path, metavar="FILE.html", help="write the HTML report")
-    audit.add_argument("--plot", type=Path, metavar="FILE.png", help="write the energy plot")
-    audit.add_argument("--no-progress", action="store_true", help="no progress bar")
-    audit.set_defaults(subparser=audit)
 
 
 # Data ------------------------------------------------------------------------
@@ -411,83 +365,20 @@ def _randomized_names(
     return list(result.resolved.randomized_layers)
 
 
-def cmd_audit(args: argparse.Namespace) -> int:
-    """Runs the audit of every `--model` on one data set."""
-    from tqdm import tqdm
-
-    models = [m for m in args.model.split(",") if m]
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in METHOD_OPTIONS]
-    if unknown or not methods:
-        raise UsageError(
-            f"--methods {','.join(unknown) or '(none)'}: choose from {', '.join(METHOD_OPTIONS)}"
-        )
-    if args.report is not None and args.report.suffix.lower() not in (".html", ".htm"):
-        raise UsageError(f"--report {args.report} must name an .html file")
-    result: dict[str, Any] = {"models": {}}
-    arrays: dict[str, Any] = {}
-    with _client(args) as client:
-        shape = [int(d) for d in client.metadata(models[0]).inputs[0].shape[1:]]
-        if args.data == "generated":
-            data = generated_data(shape, args.count, args.seed)
-        else:
-            data = directory_data(Path(args.data), shape, args.count)
-        result.update(
-            data=data.source,
-            images=len(data.images),
-            methods=methods,
-            steps=args.steps,
-            baseline=args.baseline,
-            blur_sigma=args.blur_sigma,
-            seed=args.seed,
-            object_area=am.summary(data.masks.reshape(len(data.masks), -1).mean(axis=1)),
-        )
-        if data.cue_masks is not None:
-            result["cue_area"] = am.summary(
-                data.cue_masks.reshape(len(data.cue_masks), -1).mean(axis=1)
-            )
-        per_model = 2 + 3 * len(methods)
-        with tqdm(
-            total=per_model * len(models),
-            desc="audit",
-            unit="step",
-            disable=args.no_progress,
-            file=sys.stderr,
-        ) as bar:
-
-            def progress(what: str) -> None:
-                bar.set_postfix_str(what)
-                bar.update(1)
-
-            for model in models:
-                figures, arrays[model] = audit_model(client, model, data, methods, args, progress)
-                result["models"][model] = figures
-    text = json.dumps(result, indent=2)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    else:
-        print(text)
-    if args.plot is not None:
-        args.plot.parent.mkdir(parents=True, exist_ok=True)
-        args.plot.write_bytes(energy_plot(result))
-    if args.report is not None:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(render_report(result, arrays, data), encoding="utf-8")
-    print(summary_lines(result), file=sys.stderr)
-    return EXIT_OK
-
-
 def summary_lines(result: dict[str, Any]) -> str:
-    """One line per model and method: the figures that answer the question."""
+    """One line per model and method: the figures that answer the question, each
+    named with its statistic (the median energy share over the images, as the report
+    and the README give it; the mean curve areas, as the report gives them).
+    """
     lines = []
     for model, figures in result["models"].items():
         for name, m in figures["methods"].items():
-            cue = m.get("energy_cue", {}).get("mean")
+            cue = m.get("energy_cue", {}).get("median")
             lines.append(
-                f"{model:>16} {name:>16}: energy on object {m['energy_object']['mean']:.3f}"
+                f"{model:>16} {name:>16}: median energy on object "
+                f"{m['energy_object']['median']:.3f}"
                 + (f", on cue {cue:.3f}" if cue is not None else "")
-                + f"; insertion {m['insertion']['area']['mean']:.3f} vs random "
+                + f"; mean insertion area {m['insertion']['area']['mean']:.3f} vs random "
                 f"{m['insertion']['random_area']['mean']:.3f}"
             )
     return "\n".join(lines)
@@ -554,12 +445,12 @@ def curves_plot(figures: dict[str, Any]) -> bytes:
         for name, m in figures["methods"].items():
             curve = m[mode]["curve"]
             t = np.linspace(0, 1, len(curve))
-            ax.plot(t, curve, label=f"{name} ({m[mode]['area']['mean']:.2f})")
+            ax.plot(t, curve, label=f"{name} (mean area {m[mode]['area']['mean']:.2f})")
             random_curve = m[mode]["random_curve"]
         if random_curve is not None:
             t = np.linspace(0, 1, len(random_curve))
             area = float(am.curve_area(np.asarray(random_curve)))
-            ax.plot(t, random_curve, "k--", label=f"random ({area:.2f})")
+            ax.plot(t, random_curve, "k--", label=f"random (area of the mean {area:.2f})")
         ax.set_title(f"{mode} (area)")
         ax.set_xlabel("fraction of pixels " + ("removed" if mode == am.DELETION else "inserted"))
         ax.set_ylim(0, 1.05)
@@ -632,9 +523,9 @@ def render_report(result: dict[str, Any], arrays: dict[str, Any], data: AuditDat
         f"<p>Data: {html.escape(result['data'])}, {result['images']} images; deletion/insertion "
         f"in {result['steps']} steps, baseline {html.escape(result['baseline'])}.</p>",
         f"<img alt='energy share' src='{_uri(energy_plot(result))}'>",
-        "<table><tr><th>model</th><th>method</th><th>energy on object</th><th>on cue</th>"
-        "<th>pointing (object)</th><th>deletion area (random)</th>"
-        "<th>insertion area (random)</th></tr>",
+        "<table><tr><th>model</th><th>method</th><th>median energy on object</th>"
+        "<th>on cue</th><th>pointing (object), share of images</th>"
+        "<th>mean deletion area (random)</th><th>mean insertion area (random)</th></tr>",
     ]
     for model, figures in result["models"].items():
         for name, m in figures["methods"].items():
@@ -646,7 +537,7 @@ def render_report(result: dict[str, Any], arrays: dict[str, Any], data: AuditDat
                 f"<td>{m['pointing_object']:.2f}</td>"
                 f"<td>{_vs_random(m['deletion'])}</td><td>{_vs_random(m['insertion'])}</td></tr>"
             )
-    parts.append("</table><p>Energy: medians over images.</p>")
+    parts.append("</table><p>Energy: medians over the images; areas: means over the images.</p>")
     for model, figures in result["models"].items():
         parts.append(f"<h2>{html.escape(model)}</h2>")
         if "accuracy" in figures:

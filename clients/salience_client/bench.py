@@ -38,7 +38,7 @@ from inference.v2 import grpc_service_pb2 as oip
 from salience.v1 import salience_pb2 as pb
 from salience_client import tensors
 from salience_client.channel import ChannelConfig
-from salience_client.client import explanation_request
+from salience_client.messages import explanation_request
 
 PREDICT = "predict"
 EXPLAIN = "explain"
@@ -114,13 +114,24 @@ class BenchResult:
     def ok(self) -> int:
         return self.codes.get(grpc.StatusCode.OK.name, 0)
 
+    def latency_ms(self) -> dict[str, float]:
+        """p50, p90, p99, max and mean of the answered-OK latencies in milliseconds,
+        unrounded (empty when none succeeded): the text, the plot and the JSON all
+        start from these values.
+        """
+        lat = np.asarray(self.ok_latencies, dtype=np.float64) * 1000.0
+        if not lat.size:
+            return {}
+        found = {f"p{q:g}": float(np.percentile(lat, q)) for q in PLOT_PERCENTILES}
+        return {**found, "max": float(lat.max()), "mean": float(lat.mean())}
+
     def summary(self) -> dict[str, Any]:
         """The figures as JSON-ready values (`salience bench --json`)."""
         elapsed = max(self.elapsed, 1e-9)
-        lat = np.asarray(self.ok_latencies, dtype=np.float64) * 1000.0
+        figures = self.latency_ms()
 
-        def pct(q: float) -> float | None:
-            return round(float(np.percentile(lat, q)), 3) if lat.size else None
+        def ms(name: str) -> float | None:
+            return round(figures[name], 3) if figures else None
 
         return {
             "rpc": self.rpc,
@@ -133,13 +144,7 @@ class BenchResult:
             "samples": self.ok * self.samples_per_request,
             "requests_per_s": round(self.ok / elapsed, 3),
             "samples_per_s": round(self.ok * self.samples_per_request / elapsed, 3),
-            "latency_ms": {
-                "p50": pct(50),
-                "p90": pct(90),
-                "p99": pct(99),
-                "max": round(float(lat.max()), 3) if lat.size else None,
-                "mean": round(float(lat.mean()), 3) if lat.size else None,
-            },
+            "latency_ms": {name: ms(name) for name in ("p50", "p90", "p99", "max", "mean")},
             "errors": {
                 code: n for code, n in sorted(self.codes.items()) if code != grpc.StatusCode.OK.name
             },
@@ -148,7 +153,7 @@ class BenchResult:
     def format(self) -> list[str]:
         """The figures for a person."""
         s = self.summary()
-        lat = s["latency_ms"]
+        lat = self.latency_ms()
         mode = f"open loop at {self.rate:g}/s" if self.rate else f"concurrency {self.concurrency}"
         lines = [
             f"{s['rpc']}: {s['requests']} requests in {s['duration_s']:.2f} s ({mode}, "
@@ -157,10 +162,12 @@ class BenchResult:
             f"throughput  {s['requests_per_s']:.1f} requests/s, {s['samples_per_s']:.1f} samples/s"
             f" ({s['ok']} ok)",
         ]
-        if lat["p50"] is not None:
+        if lat:
             lines.append(
-                f"latency ms  p50 {lat['p50']:.2f}  p90 {lat['p90']:.2f}  p99 {lat['p99']:.2f}  "
-                f"max {lat['max']:.2f}"
+                "latency ms  "
+                + "  ".join(
+                    f"{name} {format_ms(lat[name])}" for name in ("p50", "p90", "p99", "max")
+                )
             )
         else:
             lines.append("latency ms  no request succeeded")
@@ -374,6 +381,30 @@ async def run_async(load: Load, progress: bool = False) -> BenchResult:
 # The plot ------------------------------------------------------------------------
 
 PLOT_PERCENTILES = (50.0, 90.0, 99.0)
+# Labelled ticks on the histogram's log axis.
+HISTOGRAM_TICKS = 5
+
+
+def format_ms(value: float) -> str:
+    """A latency in milliseconds as the text and the plot both print it."""
+    return f"{value:.2f}"
+
+
+def log_ticks(low: float, high: float, count: int = HISTOGRAM_TICKS) -> list[float]:
+    """At most about `count` round values spread evenly on a log scale over [low,
+    high]: powers of ten over two decades or more, else values with as few
+    significant digits as keep them distinct.
+    """
+    first, last = math.ceil(math.log10(low)), math.floor(math.log10(high))
+    if last - first >= 2:  # two decades or more: powers of ten, every k-th
+        step = math.ceil((last - first + 1) / count)
+        return [10.0**k for k in range(first, last + 1, step)]
+    spread = np.geomspace(low, high, count)
+    for digits in range(1, 8):
+        ticks = sorted({float(f"{v:.{digits}g}") for v in spread})
+        if len(ticks) == count:
+            break
+    return [t for t in ticks if low <= t <= high] or [float(f"{low:.3g}")]
 
 
 def plot(result: BenchResult, path: Any) -> Any:
@@ -383,7 +414,9 @@ def plot(result: BenchResult, path: Any) -> Any:
     """
     # A Figure without pyplot: no GUI backend, no global state, safe in any thread.
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
+    figures = result.latency_ms()
     lat = np.sort(np.asarray(result.ok_latencies, dtype=np.float64) * 1000.0)
     summary = result.summary()
     mode = f"open loop {result.rate:g}/s" if result.rate else f"concurrency {result.concurrency}"
@@ -399,11 +432,17 @@ def plot(result: BenchResult, path: Any) -> Any:
         bins = np.geomspace(low, high, 40)
         hist.hist(np.clip(lat, low, high), bins=bins, color="tab:blue")
         hist.set_xscale("log")
+        # Plain numbers a few at a time: a log axis inside one decade labels every
+        # minor tick as 4.7×10¹, 4.8×10¹..., which crowd into each other.
+        ticks = log_ticks(low, high)
+        hist.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        hist.xaxis.set_minor_formatter(NullFormatter())
         ranks = 100.0 * (np.arange(lat.size) + 1) / lat.size
         curve.plot(ranks, lat, color="tab:blue")
         for q, colour in zip(PLOT_PERCENTILES, ("tab:green", "tab:orange", "tab:red"), strict=True):
-            value = float(np.percentile(lat, q))
-            curve.axhline(value, color=colour, linestyle="--", label=f"p{q:g} {value:.2f} ms")
+            value = figures[f"p{q:g}"]
+            label = f"p{q:g} {format_ms(value)} ms"
+            curve.axhline(value, color=colour, linestyle="--", label=label)
             hist.axvline(value, color=colour, linestyle="--")
         curve.legend(loc="upper left")
     else:

@@ -82,6 +82,68 @@ def titled(rgb: np.ndarray, title: str, *, min_width: int = MIN_TITLED_WIDTH) ->
     return np.asarray(canvas)
 
 
+# `salience explain`'s overlays: the smaller side drawn at least this large, and a
+# colour bar this wide beside the map.
+MIN_OVERLAY_SIDE = 192
+COLORBAR_PX = 14
+
+
+@dataclass(frozen=True)
+class OverlayLayout:
+    """Where an annotated overlay's parts lie: (left, top, right, bottom) in pixels."""
+
+    size: tuple[int, int]  # width, height
+    image: tuple[int, int, int, int]
+    colorbar: tuple[int, int, int, int]
+    scale: int
+
+
+def overlay_layout(
+    shape: tuple[int, int], title: str, *, min_side: int = MIN_OVERLAY_SIDE
+) -> OverlayLayout:
+    """The layout of `annotated_overlay` for an overlay of `shape` (height, width)."""
+    height, width = shape
+    scale = max(1, math.ceil(min_side / max(1, min(height, width))))
+    h, w = height * scale, width * scale
+    top = MARGIN + _text_height(TITLE_PX) + GAP
+    image = (MARGIN, top, MARGIN + w, top + h)
+    bar_left = image[2] + GAP
+    colorbar = (bar_left, top, bar_left + COLORBAR_PX, top + h)
+    labels = max(text_width(t, LABEL_PX) for t in ("high", "low"))
+    right = max(colorbar[2] + 4 + labels, MARGIN + text_width(title, TITLE_PX)) + MARGIN
+    return OverlayLayout((right, top + h + MARGIN), image, colorbar, scale)
+
+
+def colorbar_colours(height: int, colormap: str) -> np.ndarray:
+    """`height` colours of a colormap, its top (1) first and its bottom (0) last."""
+    from salience_client.overlay import colorize
+
+    values = np.linspace(1.0, 0.0, height)[:, np.newaxis]
+    return colorize(values, colormap)[:, 0, :]
+
+
+def annotated_overlay(
+    rgb: np.ndarray, title: str, colormap: str, *, min_side: int = MIN_OVERLAY_SIDE
+) -> np.ndarray:
+    """An overlay (H×W×3 uint8) legible at a glance: enlarged by a whole factor until
+    its smaller side is at least `min_side` pixels (each pixel a block), under
+    `title` (the predicted value or class), beside a colour bar of `colormap` from
+    high saliency (top) to low (bottom).
+    """
+    layout = overlay_layout(rgb.shape[:2], title, min_side=min_side)
+    canvas = Image.new("RGB", layout.size, BACKGROUND)
+    canvas.paste(Image.fromarray(enlarge(rgb, layout.scale)), layout.image[:2])
+    left, top, right, bottom = layout.colorbar
+    bar = np.repeat(colorbar_colours(bottom - top, colormap)[:, np.newaxis], right - left, axis=1)
+    canvas.paste(Image.fromarray(np.ascontiguousarray(bar)), (left, top))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((MARGIN, MARGIN), title, fill=INK, font=font(TITLE_PX))
+    draw.text((right + 4, top), "high", fill=INK, font=font(LABEL_PX))
+    low_top = bottom - _text_height(LABEL_PX)
+    draw.text((right + 4, low_top), "low", fill=INK, font=font(LABEL_PX))
+    return np.asarray(canvas)
+
+
 @dataclass(frozen=True)
 class StripLayout:
     """Where a strip's panels lie: boxes (left, top, right, bottom) in pixels."""
@@ -189,6 +251,33 @@ def class_titles(
         class_title(scores[k], list(spec.labels), labels[k] if k < len(labels) else "", explained)
         for k in range(len(scores))
     ]
+
+
+def value_titles(
+    outputs: dict[str, np.ndarray], *, output: str = "", filter_indices: Sequence[int] = ()
+) -> list[str]:
+    """Per sample, the predicted value of a model that names no classes: `steering
+    -0.576` for an output of one unit; `logits[3] 1.234 · argmax 1 2.345` for the
+    unit the map explains (one of `filter_indices` of `output`, "" for the first) and
+    the largest; `logits argmax 1 2.345` when the map explains no single unit.
+    """
+    head = output if output in outputs else next(iter(outputs))
+    scores = np.asarray(outputs[head], dtype=np.float64)
+    explained = filter_indices[0] if len(filter_indices) == 1 else None
+    titles = []
+    for k in range(len(scores)):
+        values = scores[k].reshape(-1)
+        if values.size == 1:
+            titles.append(f"{head} {values[0]:+.3f}")
+            continue
+        top = int(np.argmax(values))
+        largest = f"argmax {top} {values[top]:.3f}"
+        if explained is not None and 0 <= explained < values.size:
+            title = f"{head}[{explained}] {values[explained]:.3f}"
+            titles.append(title if explained == top else f"{title} · {largest}")
+        else:
+            titles.append(f"{head} {largest}")
+    return titles
 
 
 # The review report ---------------------------------------------------------------------

@@ -42,12 +42,8 @@ import numpy as np
 
 from salience.v1 import salience_pb2 as pb
 from salience_client import tensors
-from salience_client.client import (
-    Explanation,
-    SalienceError,
-    explanation_request,
-    explanation_result,
-)
+from salience_client.messages import explanation_request, explanation_result
+from salience_client.results import Explanation, SalienceError
 
 Frame = np.ndarray | Mapping[str, np.ndarray]
 """One sample (no batch axis) for a single-input model, or samples keyed by input name."""

@@ -8,6 +8,10 @@ angle at k. The plan is three gentle bends joined by two sudden swerves, at fram
 
     python -m tests.e2e.review_clip DIR   # DIR/frames/road_000.png ... and DIR/clip.mp4
 
+The frames need only Pillow; the video needs PyAV (`pip install 'salience[review]'`,
+which `make serve` does not install). Without it the frames are written, and the
+command says how to install PyAV for the video instead of failing.
+
 `report_data` reads back what a review's HTML report embeds.
 """
 
@@ -70,9 +74,24 @@ def write_frames(directory: Path, images: np.ndarray) -> list[Path]:
     return paths
 
 
+class NoPyAV(RuntimeError):
+    """PyAV is not installed, so no video can be written."""
+
+
+def import_av() -> Any:
+    """PyAV, or NoPyAV saying how to install it (as `salience review` does)."""
+    from salience_client.review import REVIEW_EXTRA_HINT
+
+    try:
+        import av
+    except ImportError:
+        raise NoPyAV(f"writing the clip's video needs PyAV; {REVIEW_EXTRA_HINT}") from None
+    return av
+
+
 def write_video(path: Path, images: np.ndarray, fps: int = 10) -> Path:
     """The frames as an H.264 MP4 (lossy, as dashcam footage is)."""
-    import av
+    av = import_av()
 
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("libx264", rate=fps)
@@ -102,8 +121,13 @@ def main(argv: list[str]) -> None:
     root = Path(argv[0]) if argv else Path("review-clip")
     images, _ = driving_clip()
     write_frames(root / "frames", images)
-    write_video(root / "clip.mp4", images)
-    print(root)
+    print(root / "frames")
+    try:
+        write_video(root / "clip.mp4", images)
+    except NoPyAV as err:
+        print(f"{root / 'clip.mp4'} not written: {err}", file=sys.stderr)
+    else:
+        print(root / "clip.mp4")
 
 
 if __name__ == "__main__":

@@ -296,7 +296,8 @@ def test_explain_to_a_directory_writes_overlays(
 
     done = served.ok(
         "explain", "--target", served.target, "--model", "linear", "--filter-indices", "3",
-        "--colormap", "viridis", "--alpha", "1", "--out", "maps", "cat.png", "pair.npy",
+        "--colormap", "viridis", "--alpha", "1", "--plain", "--out", "maps", "cat.png",
+        "pair.npy",
     )  # fmt: skip
     names = ["cat_absolute.png", "pair_0_absolute.png", "pair_1_absolute.png"]
     assert done.stdout.split() == [str(Path("maps") / n) for n in names]
@@ -316,12 +317,41 @@ def test_explain_to_a_directory_writes_overlays(
 
     blended = served.ok(
         "explain", "--target", served.target, "--model", "linear", "--alpha", "0",
-        "--out", "plain", "cat.png",
+        "--plain", "--out", "plain", "cat.png",
     )  # fmt: skip
     assert blended.stdout.split() == [str(Path("plain") / "cat_absolute.png")]
     with Image.open(served.workdir / "plain" / "cat_absolute.png") as png:
         # alpha=0 gives back the input image exactly.
         np.testing.assert_array_equal(np.asarray(png), np.round(inputs["cat.png"] * 255))
+
+
+def test_explain_overlays_are_titled_with_the_prediction_and_have_a_colour_bar(
+    served: Served, inputs: dict[str, np.ndarray]
+) -> None:
+    from salience_client.report import annotated_overlay, overlay_layout
+
+    served.ok(
+        "explain", "--target", served.target, "--model", "linear", "--filter-indices", "3",
+        "--colormap", "viridis", "--plain", "--out", "bare", "cat.png",
+    )  # fmt: skip
+    served.ok(
+        "explain", "--target", served.target, "--model", "linear", "--filter-indices", "3",
+        "--colormap", "viridis", "--out", "annotated", "cat.png",
+    )  # fmt: skip
+    # The logits in closed form: the title names unit 3's and the largest.
+    logits = inputs["cat.png"].reshape(-1) @ served.kernel.astype(np.float64) + served.bias
+    top = int(np.argmax(logits))
+    title = f"logits[3] {logits[3]:.3f}"
+    if top != 3:
+        title += f" · argmax {top} {logits[top]:.3f}"
+    with Image.open(served.workdir / "bare" / "cat_absolute.png") as png:
+        bare = np.asarray(png.convert("RGB"))
+    with Image.open(served.workdir / "annotated" / "cat_absolute.png") as png:
+        drawn = np.asarray(png.convert("RGB"))
+    layout = overlay_layout(SHAPE[:2], title)
+    assert layout.scale == 24  # 8×8 drawn 192×192
+    assert drawn.shape == (layout.size[1], layout.size[0], 3)
+    np.testing.assert_array_equal(drawn, annotated_overlay(bare, title, "viridis"))
 
 
 def test_server_errors_exit_1_with_status_and_message(served: Served) -> None:

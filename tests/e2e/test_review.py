@@ -265,9 +265,10 @@ def test_explain_titles_classifier_overlays_with_class_and_score(
         title = f"{SHAPE_CLASSES[top]} {probs[k, top]:.2f}"
         if top != other:
             title += f" · map: {SHAPE_CLASSES[other]} {probs[k, other]:.2f}"
-        expected = report.titled(overlay(pixels[k], unary.maps["absolute"][k]), title)
+        rgb = overlay(pixels[k], unary.maps["absolute"][k])
+        expected = report.annotated_overlay(rgb, title, "jet")
         with Image.open(tmp_path / "maps" / f"shape{k}_absolute.png") as png:
             drawn = np.asarray(png.convert("RGB"))
-        # The title bar is exactly that text, above the overlay.
+        # The title is exactly that text, above the overlay and beside its colour bar.
         assert_same_overlay(drawn, expected)
-        assert drawn.shape[1] >= report.MIN_TITLED_WIDTH
+        assert min(drawn.shape[:2]) >= report.MIN_OVERLAY_SIDE

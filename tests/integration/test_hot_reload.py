@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from salience.v1 import salience_pb2 as pb
 from salience_client import SalienceClient, SalienceError
-from salience_client.cli import format_models
+from salience_client.cli.models import format_models
 from tests.conftest import RunningServer, running_server
 
 X = np.ones((1, 2), np.float32)

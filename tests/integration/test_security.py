@@ -530,7 +530,8 @@ def test_unreadable_token_file_stops_start_up(tmp_path: Path) -> None:
 def test_incomplete_tls_settings_are_usage_errors_of_salience_serve(
     flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from salience_client.cli import EXIT_USAGE, main
+    from salience_client.cli import main
+    from salience_client.cli.options import EXIT_USAGE
 
     assert main(["serve", *flags]) == EXIT_USAGE
     assert message in capsys.readouterr().err

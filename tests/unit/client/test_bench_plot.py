@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from pathlib import Path
 
@@ -53,3 +54,51 @@ def test_a_run_without_successes_still_draws(tmp_path: Path) -> None:
     hist, _ = figure.axes
     assert [t.get_text() for t in hist.texts] == ["no request succeeded"]
     assert (tmp_path / "none.png").stat().st_size > 0
+
+
+def _visible_tick_labels(figure: object, axis: object) -> list[tuple[str, object]]:
+    """The x tick labels drawn inside the axis's limits, with their boxes on the canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)  # type: ignore[arg-type]
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    low, high = sorted(axis.axes.get_xlim())  # type: ignore[attr-defined]
+    found = []
+    for tick in [*axis.get_major_ticks(), *axis.get_minor_ticks()]:  # type: ignore[attr-defined]
+        label = tick.label1
+        if label.get_visible() and label.get_text() and low <= tick.get_loc() <= high:
+            found.append((label.get_text(), label.get_window_extent(renderer)))
+    return found
+
+
+def test_the_histogram_tick_labels_do_not_overlap(tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    spreads = {
+        "narrow": rng.normal(0.0497, 0.0008, 400),  # 47-52 ms: inside one decade
+        "decade": rng.lognormal(np.log(0.02), 0.5, 400),
+        "wide": rng.lognormal(np.log(0.02), 2.0, 400),  # a cached ms to a queued second
+    }
+    for name, latencies in spreads.items():
+        figure = plot(result_of(list(np.abs(latencies))), tmp_path / f"{name}.png")
+        hist, curve = figure.axes
+        for axis in (hist.xaxis, curve.xaxis):
+            labels = _visible_tick_labels(figure, axis)
+            assert len(labels) >= 2, (name, labels)
+            # Plain numbers, not 4.7×10¹.
+            assert all(float(text) > 0 or axis is curve.xaxis for text, _ in labels), labels
+            boxes = sorted(labels, key=lambda item: item[1].x0)
+            for (left, a), (right, b) in itertools.pairwise(boxes):
+                assert a.x1 < b.x0, f"{name}: tick labels {left!r} and {right!r} overlap"
+
+
+def test_legend_and_text_give_the_same_digits(tmp_path: Path) -> None:
+    # 49.7051 ms: rounded to 3 places first (49.705), then to 2, it became 49.70 in
+    # the text while the legend, formatting the value once, said 49.71.
+    result = result_of([0.0497051] * 3)
+    figure = plot(result, tmp_path / "same.png")
+    text = "\n".join(result.format())
+    _, curve = figure.axes
+    for label in (t.get_text() for t in curve.get_legend().get_texts()):
+        name, value, _ = label.split(" ")
+        assert f"{name} {value}" in text, (label, text)

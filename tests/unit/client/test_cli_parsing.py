@@ -13,23 +13,15 @@ import pytest
 from PIL import Image
 
 from salience.v1 import salience_pb2 as pb
-from salience_client.cli import (
-    InputBatch,
-    LoadedInput,
-    UsageError,
-    check_overlayable,
-    explanation_arrays,
-    format_models,
-    format_predictions,
-    load_input,
-    load_inputs,
-    main,
-    models_json,
-    parse_args,
-    parse_objective,
-)
-from salience_client.cli import InputSpec as Spec
+from salience_client.cli import main
+from salience_client.cli.entry import parse_args
+from salience_client.cli.models import format_models, models_json
+from salience_client.cli.options import UsageError, parse_objective
+from salience_client.cli.outputs import check_overlayable, explanation_arrays
+from salience_client.cli.predict import format_predictions
 from salience_client.client import Explanation, Objective
+from salience_client.inputs import InputBatch, LoadedInput, load_input, load_inputs
+from salience_client.inputs import InputSpec as Spec
 from salience_client.overlay import overlay
 
 EXPLAIN = ["explain", "--model", "m", "--out", "maps.npz", "x.npy"]
@@ -447,7 +439,7 @@ def test_overlays_are_named_by_input_sample_and_modifier(tmp_path: Path) -> None
         model_version=1,
         resolved=pb.ResolvedExplanation(),
     )
-    from salience_client.cli import write_overlays
+    from salience_client.cli.outputs import write_overlays
 
     written = write_overlays(
         tmp_path / "out", InputBatch(images, sources), result, colormap="magma", alpha=0.4
@@ -501,7 +493,7 @@ def test_importing_the_cli_loads_neither_tensorflow_nor_the_server() -> None:
     import subprocess
 
     code = (
-        "import sys, salience_client.cli, salience_client.overlay\n"
+        "import sys, salience_client.cli.entry, salience_client.overlay\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
         "{'tensorflow', 'keras', 'salience_server', 'matplotlib'})\n"
         "print(heavy)\n"
@@ -509,3 +501,57 @@ def test_importing_the_cli_loads_neither_tensorflow_nor_the_server() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+# models --wait ----------------------------------------------------------------------
+
+
+def test_readiness_settles_when_nothing_loads_and_is_ready_when_nothing_failed() -> None:
+    from salience_client.cli.models import Readiness
+
+    def model(name: str, *states: int) -> pb.ModelMetadata:
+        statuses = [pb.VersionStatus(version=v + 1, state=s) for v, s in enumerate(states)]
+        return pb.ModelMetadata(name=name, version_status=statuses)
+
+    loading = Readiness.of([model("a", pb.VERSION_STATE_READY, pb.VERSION_STATE_LOADING)])
+    assert (loading.settled, loading.ready) == (False, False)
+    assert loading.settling == ["a version 2 (loading)"]
+    failed = Readiness.of([model("a", pb.VERSION_STATE_READY), model("b", pb.VERSION_STATE_FAILED)])
+    assert (failed.settled, failed.ready, failed.failed) == (True, False, ["b version 1 (failed)"])
+    ready = Readiness.of([model("a", pb.VERSION_STATE_READY, pb.VERSION_STATE_READY)])
+    assert (ready.settled, ready.ready) == (True, True)
+    unloading = Readiness.of([model("a", pb.VERSION_STATE_UNLOADING)])
+    assert unloading.settling == ["a version 1 (unloading)"]
+
+
+def test_wait_on_a_port_nothing_listens_on_ends_unavailable(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert main(["models", "--wait", "1", "--target", f"127.0.0.1:{port}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: UNAVAILABLE: no answer within --wait 1 s (")
+    assert f"hint: no salience server answered at 127.0.0.1:{port}" in err
+    assert "Traceback" not in err
+
+
+def test_wait_takes_an_optional_number_of_seconds() -> None:
+    assert parse_args(["models"]).wait is None
+    assert parse_args(["models", "--wait"]).wait == 300.0
+    assert parse_args(["models", "--wait", "2.5"]).wait == 2.5
+    with pytest.raises(SystemExit):
+        parse_args(["models", "--wait", "0"])
+
+
+def test_the_help_names_every_exit_status(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Exit status: 0 on success, 1 when the server answers with an error" in text
+    assert "2 for a usage error" in text
+    assert "3 when `salience models --wait` finds a model failed or still loading" in text
+    assert main(["models", "--help"]) == 0
+    assert "exit status 3 when one failed or is still loading" in " ".join(
+        capsys.readouterr().out.split()
+    )

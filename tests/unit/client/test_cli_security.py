@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from salience_client.cli import UsageError, client_security, main, parse_args
+from salience_client.cli import main
+from salience_client.cli.entry import parse_args
+from salience_client.cli.options import UsageError, client_security
 
 SECRET = "cli-secret-token-0123456789"
 

@@ -16,6 +16,7 @@ class Refuse:
             raise ImportError(f"{name} must not be imported by the client")
 sys.meta_path.insert(0, Refuse())
 import salience_client, salience_client.client, salience_client.cli, salience_client.overlay
+import salience_client.cli.entry
 from salience_client import SalienceClient
 assert "tensorflow" not in sys.modules and "keras" not in sys.modules
 print("ok")

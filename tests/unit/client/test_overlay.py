@@ -132,3 +132,64 @@ def test_png_reads_back_identical(tmp_path: Path) -> None:
         assert png.mode == "RGB"
         read = np.asarray(png)
     np.testing.assert_array_equal(read, overlay(image, saliency, colormap="inferno", alpha=0.6))
+
+
+# Annotated overlays (`salience explain`'s default) ------------------------------------
+
+
+def test_an_annotated_overlay_is_enlarged_titled_and_has_the_colour_bar() -> None:
+    from salience_client.report import (
+        MIN_OVERLAY_SIDE,
+        annotated_overlay,
+        colorbar_colours,
+        enlarge,
+        overlay_layout,
+    )
+
+    rng = np.random.default_rng(4)
+    rgb = overlay(rng.random((66, 200, 3)), rng.random((66, 200)), colormap="viridis")
+    drawn = annotated_overlay(rgb, "steering -0.576", "viridis")
+    layout = overlay_layout((66, 200), "steering -0.576")
+    assert layout.scale == 3  # 66 px → 198, the least whole factor reaching 192
+    assert min(66, 200) * layout.scale >= MIN_OVERLAY_SIDE
+    assert drawn.shape == (layout.size[1], layout.size[0], 3)
+    left, top, right, bottom = layout.image
+    np.testing.assert_array_equal(drawn[top:bottom, left:right], enlarge(rgb, 3))
+    left, top, right, bottom = layout.colorbar
+    bar = drawn[top:bottom, left:right]
+    expected = colorbar_colours(bottom - top, "viridis")
+    for column in range(right - left):
+        np.testing.assert_array_equal(bar[:, column], expected)
+    # The colour bar runs from the colormap's top (high saliency) down to its bottom.
+    cmap = matplotlib.colormaps["viridis"]
+    np.testing.assert_array_equal(expected[0], cmap(1.0, bytes=True)[:3])
+    np.testing.assert_array_equal(expected[-1], cmap(0.0, bytes=True)[:3])
+    # The title is drawn above the image, and another title draws other pixels.
+    title_rows = drawn[: layout.image[1]]
+    assert (title_rows < 128).any()
+    other = annotated_overlay(rgb, "steering +0.576", "viridis")
+    assert not np.array_equal(other[: layout.image[1]], title_rows)
+    np.testing.assert_array_equal(other[layout.image[1] :], drawn[layout.image[1] :])
+
+
+def test_a_large_overlay_is_not_enlarged() -> None:
+    from salience_client.report import overlay_layout
+
+    assert overlay_layout((256, 320), "x").scale == 1
+    assert overlay_layout((8, 8), "x").scale == 24
+
+
+def test_value_titles_name_the_predicted_value() -> None:
+    from salience_client.report import value_titles
+
+    steering = {"steering": np.array([[-0.5764], [0.25]])}
+    assert value_titles(steering) == ["steering -0.576", "steering +0.250"]
+    scores = {"logits": np.array([[0.5, 2.25, -1.0], [3.0, 0.0, 1.0]]), "probs": np.zeros((2, 3))}
+    assert value_titles(scores, filter_indices=[1]) == [
+        "logits[1] 2.250",
+        "logits[1] 0.000 · argmax 0 3.000",
+    ]
+    assert value_titles(scores) == ["logits argmax 1 2.250", "logits argmax 0 3.000"]
+    assert value_titles(scores, output="probs", filter_indices=[2])[0] == (
+        "probs[2] 0.000 · argmax 0 0.000"
+    )

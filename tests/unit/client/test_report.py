@@ -159,7 +159,7 @@ class Refuse:
             raise ImportError(f"{name} must not be imported here")
 sys.meta_path.insert(0, Refuse())
 import salience_client.review, salience_client.report, salience_client.stream
-from salience_client.cli import build_parser
+from salience_client.cli.entry import build_parser
 build_parser()
 print("ok")
 """
