@@ -14,6 +14,7 @@ from tests.integration.models import LINEAR_SHAPE, build_repository
 
 MAX_SAMPLES = 8
 MAX_STEPS = 32
+MAX_WINDOWS = 20
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,9 @@ def client(tmp_path_factory: pytest.TempPathFactory, server_factory: Any) -> Sal
     h = keras.layers.Conv2D(2, 3, padding="same", name="conv")(image)
     h = keras.layers.GlobalAveragePooling2D(name="gap")(h)
     save_model(repo, "free", keras.Model(image, keras.layers.Dense(2, name="logits")(h)))
-    return server_factory(repo, max_samples=MAX_SAMPLES, max_steps=MAX_STEPS).client()
+    return server_factory(
+        repo, max_samples=MAX_SAMPLES, max_steps=MAX_STEPS, max_windows=MAX_WINDOWS
+    ).client()
 
 
 def x(n: int = 2) -> np.ndarray:
@@ -89,6 +92,73 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
         "baseline with NaN",
         {"method": "integrated-gradients", "baseline": np.full(SHAPE, np.nan, np.float32)},
         "explanation.baseline holds NaN or infinite values: only finite values are accepted",
+    ),
+    (
+        "chunk size over bound",
+        {"method": "occlusion", "chunk_size": 1025},
+        "explanation.chunk_size=1025 is out of range: use 1..1024 rows per forward pass "
+        "(0 for the default, 64)",
+    ),
+    (
+        "chunk size for vanilla",
+        {"method": "vanilla", "chunk_size": 8},
+        "explanation.chunk_size does not apply to method 'vanilla': leave it unset",
+    ),
+    (
+        "top channels over the layer's",
+        {"model": "free", "x": x() * 0 + 0.5, "method": "faster-scorecam", "top_channels": 3},
+        "explanation.top_channels=3 is out of range: CAM layer 'conv' has 2 channels "
+        "(valid 1..2, 0 for the default, 10 or every channel when fewer)",
+    ),
+    (
+        "top channels for scorecam",
+        {"model": "free", "method": "scorecam", "top_channels": 1},
+        "explanation.top_channels does not apply to method 'scorecam': leave it unset",
+    ),
+    (
+        "window over the input",
+        {"method": "occlusion", "window": 6},
+        "explanation.window=6 is out of range: input 'x' has spatial extent [6, 5] "
+        "(valid 1..5, 0 for the default, 16 or the smallest extent when smaller)",
+    ),
+    (
+        "stride over the window",
+        {"method": "occlusion", "window": 2, "stride": 3},
+        "explanation.stride=3 is out of range: use 1..2 (at most the window, 2; 0 for the "
+        "default, 1)",
+    ),
+    (
+        "occlusion windows over cap",
+        {"method": "occlusion", "window": 1},
+        f"explanation.window=1 with stride=1 gives 30 occluded copies per sample, over the "
+        f"server's max_windows={MAX_WINDOWS}: use a larger window or stride",
+    ),
+    (
+        "infinite occlusion value",
+        {"method": "occlusion", "occlusion_value": float("inf")},
+        "explanation.occlusion_value=inf is not allowed: use a finite value of magnitude at "
+        "most 3.402823e+38 (unset means 0.0)",
+    ),
+    (
+        "window for gradcam",
+        {"model": "free", "method": "gradcam", "window": 3},
+        "explanation.window does not apply to method 'gradcam': leave it unset",
+    ),
+    (
+        "occlusion value for scorecam",
+        {"model": "free", "method": "scorecam", "occlusion_value": 0.5},
+        "explanation.occlusion_value does not apply to method 'scorecam': leave it unset",
+    ),
+    (
+        "occlusion window over free input",
+        {
+            "model": "free",
+            "x": np.zeros((1, 9, 7, 3), np.float32),
+            "method": "occlusion",
+            "window": 8,
+        },
+        "explanation.window=8 is out of range: input 'image' has samples of spatial extent "
+        "[9, 7] (valid 1..7)",
     ),
     (
         "unknown output head",
