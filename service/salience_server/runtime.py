@@ -535,7 +535,7 @@ class ModelRuntime:
                 twin = randomize.copy_runtime(self, *graph.randomize)
                 plain = dataclasses.replace(graph, randomize=None)
                 fn = METHODS[graph.method].build(twin, plain, param_specs(params))
-            if self.placement.xla:
+            if self.placement.xla and METHODS[graph.method].xla:
                 fn = _with_xla(fn)
             self._functions[graph] = fn
             if len(self._functions) > FUNCTION_CACHE_SIZE:

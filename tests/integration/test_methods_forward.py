@@ -6,6 +6,7 @@ gradients, and occlusion on a linear model has a closed form.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:The structure of `inputs` doesn'
 EPS = 1e-7
 SHAPE = (6, 6, 2)
 LINEAR = (6, 5, 2)
+# Linear models over one and three spatial axes.
+VOLUMES = {"linear_1d": (11, 2), "linear_3d": (4, 5, 3, 1)}
 
 
 def build_models(root: Path) -> Path:
@@ -42,6 +45,10 @@ def build_models(root: Path) -> Path:
     x = keras.Input(LINEAR, name="x")
     h = keras.layers.Flatten(name="flat")(x)
     save_model(root, "linear", keras.Model(x, keras.layers.Dense(2, name="out")(h)))
+    for name, shape in VOLUMES.items():
+        x = keras.Input(shape, name="x")
+        h = keras.layers.Flatten(name="flat")(x)
+        save_model(root, name, keras.Model(x, keras.layers.Dense(2, name="out")(h)))
     return root
 
 
@@ -253,17 +260,16 @@ def occlusion_by_hand(
     w: np.ndarray, x: np.ndarray, window: int, stride: int, value: float
 ) -> np.ndarray:
     """s(x) − s(x_p) = Σ_{i ∈ window p} w_i (x_i − v) for a linear score; each pixel
-    averages the drops of the windows covering it."""
-    batch, height, width, _ = x.shape
-    total = np.zeros((batch, height, width))
-    count = np.zeros((height, width))
-    for r in starts(height, window, stride):
-        for c in starts(width, window, stride):
-            covered = np.zeros((height, width, 1))
-            covered[r : r + window, c : c + window] = 1
-            drop = (w * (x - value) * covered).reshape(batch, -1).sum(axis=1)
-            total += drop[:, None, None] * covered[None, ..., 0]
-            count += covered[..., 0]
+    averages the drops of the windows covering it (any number of spatial axes)."""
+    spatial = x.shape[1:-1]
+    total = np.zeros((len(x), *spatial))
+    count = np.zeros(spatial)
+    for corner in itertools.product(*(starts(n, window, stride) for n in spatial)):
+        covered = np.zeros(spatial)
+        covered[tuple(slice(c, c + window) for c in corner)] = 1
+        drop = (w * (x - value) * covered[..., None]).reshape(len(x), -1).sum(axis=1)
+        total += drop.reshape(-1, *[1] * len(spatial)) * covered
+        count += covered
     assert count.min() >= 1  # the flush last window covers every pixel
     return total / count
 
@@ -349,3 +355,38 @@ def test_occlusion_scores_logits_or_the_kept_activation(
         drop = fn(x).numpy()[:, 1] - fn(np.zeros_like(x)).numpy()[:, 1]
         want = np.broadcast_to(drop[:, None, None], (2, *SHAPE[:2]))
         np.testing.assert_allclose(got.maps["none"], want, rtol=1e-4, atol=1e-6)
+
+
+def test_metadata_lists_the_methods_each_model_supports(client: SalienceClient) -> None:
+    """The CAM methods need a layer with spatial extent (the linear model has none);
+    occlusion only needs an input with spatial axes."""
+    forward = ["scorecam", "faster-scorecam", "layercam", "occlusion"]
+    conv = list(client.metadata("convnet").methods)
+    assert [m for m in conv if m in forward] == forward
+    linear = list(client.metadata("linear").methods)
+    assert [m for m in linear if m in forward] == ["occlusion"]
+
+
+@pytest.mark.parametrize("name", sorted(VOLUMES))
+def test_occlusion_slides_over_one_or_three_spatial_axes(
+    client: SalienceClient, repo: Path, name: str
+) -> None:
+    import keras
+
+    model = keras.saving.load_model(repo / name / "1" / "model.keras", compile=False)
+    kernel, _ = model.get_layer("out").get_weights()
+    shape = VOLUMES[name]
+    x = images(2, shape, seed=12)
+    got = client.explain(
+        name,
+        x,
+        method="occlusion",
+        filter_indices=[0],
+        window=2,
+        stride=2,
+        normalize=False,
+        occlusion_value=0.3,
+    )
+    want = occlusion_by_hand(kernel[:, 0].reshape(shape), x.astype(np.float64), 2, 2, 0.3)
+    assert got.maps["none"].shape == (2, *shape[:-1])
+    np.testing.assert_allclose(got.maps["none"], want, rtol=1e-4, atol=1e-5)

@@ -125,6 +125,18 @@ def check_windows(runtime: ModelRuntime, options: ExplainOptions, limits: Limits
 class Occlusion(Method):
     name = OCCLUSION
     default_grad_modifier = "none"
+    xla = False  # the copies scored per call follow tensor arguments
+
+    def supported(self, runtime: ModelRuntime) -> str | None:
+        if any(
+            "float" in info.dtype and 1 <= len(info.shape) - 2 <= MAX_SPATIAL_RANK
+            for info in runtime.inputs
+        ):
+            return None
+        return (
+            "none of its inputs has spatial axes (rank 3 to 5, batch first, floating point) "
+            "to slide a window over"
+        )
 
     def plan(self, runtime: ModelRuntime, options: ExplainOptions, batch: int) -> Plan:
         common.refuse_wrt(self, options, "it occludes windows of the model input")

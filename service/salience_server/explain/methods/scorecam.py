@@ -110,6 +110,7 @@ class ScoreCam(Method):
     default_grad_modifier = "none"
     needs_layers = True
     faster = False
+    xla = False  # the copies scored per call follow tensor arguments
 
     def supported(self, runtime: ModelRuntime) -> str | None:
         return cam.unsupported_reason(runtime)
