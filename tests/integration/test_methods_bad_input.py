@@ -215,3 +215,16 @@ def test_baseline_must_match_inputs_with_free_axes(client: SalienceClient) -> No
     )
     assert fitting.maps["absolute"].shape == (2, 9, 7)
     assert fitting.completeness_residual is not None
+
+
+def test_forward_pass_methods_serve_inputs_with_free_axes(client: SalienceClient) -> None:
+    """After their refusals, Score-CAM and occlusion still explain a model whose
+    spatial axes are free: the masks and windows follow the samples' own size."""
+    images = np.random.default_rng(2).uniform(0, 1, (2, 9, 7, 3)).astype(np.float32)
+    refused(client, model="free", x=images, method="occlusion", window=8)
+    occluded = client.explain("free", images, method="occlusion", window=7, stride=3)
+    assert occluded.maps["none"].shape == (2, 9, 7)
+    assert (occluded.resolved.window, occluded.resolved.stride) == (7, 3)
+    scored = client.explain("free", images, method="faster-scorecam", top_channels=1)
+    assert scored.maps["none"].shape == (2, 9, 7)
+    assert scored.resolved.penultimate_layer == "conv"

@@ -53,7 +53,8 @@ MAX_CHUNK_SIZE = 1024
 # max_N); fewer when the CAM layer has fewer channels.
 DEFAULT_TOP_CHANNELS = 10
 # Occlusion: the side of the square (cube) window, in pixels of every spatial axis
-# (clamped to the input's smallest spatial extent when unset); the stride defaults to
+# (clamped to the input's smallest spatial extent when unset and the model fixes
+# that extent: free axes are only known when computed); the stride defaults to
 # half the window (at least 1); the occluded pixels take the value 0 by default.
 DEFAULT_WINDOW = 16
 DEFAULT_OCCLUSION_VALUE = 0.0

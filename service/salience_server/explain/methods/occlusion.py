@@ -2,7 +2,8 @@
 Networks"): how much the score drops when a window of the input is covered.
 
 A square (cube) window of side `w` pixels on every spatial axis (`window`, default
-16, or the input's smallest spatial extent when that is smaller) slides over the
+16, or the input's smallest spatial extent when the model fixes it and it is
+smaller; samples of free extent must fit the window) slides over the
 input in steps of `s` pixels (`stride`, default `max(1, w // 2)`, at most `w`).
 On an axis of extent `n` the window starts at `min(j·s, n − w)` for
 `j = 0..ceil((n − w) / s)`: the last position is flush with the far edge, so every
