@@ -63,6 +63,10 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "smoothgrad": {"method": "smoothgrad", "seed": 0},
     "integrated-gradients": {"method": "integrated-gradients"},
     "gradient-x-input": {"method": "gradient-x-input"},
+    "scorecam": {"method": "scorecam"},
+    "faster-scorecam": {"method": "faster-scorecam"},
+    "layercam": {"method": "layercam"},
+    "occlusion": {"method": "occlusion"},
 }
 DEFAULT_METHODS = "vanilla,gradcam,guided-backprop"
 DEFAULT_COUNT = 64

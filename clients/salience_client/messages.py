@@ -89,6 +89,11 @@ def explanation_request(
     baseline: np.ndarray | None = None,
     randomize_layers: int = 0,
     randomize_seed: int = 0,
+    chunk_size: int = 0,
+    top_channels: int = 0,
+    window: int = 0,
+    stride: int = 0,
+    occlusion_value: float | None = None,
 ) -> pb.ExplainRequest:
     """Builds an ExplainRequest; `layer`/`filter_indices` is shorthand for one objective.
 
@@ -98,6 +103,9 @@ def explanation_request(
     `normalize` None means true, `output_dtype` None float32. `randomize_layers` > 0
     explains a copy of the model with that many top weighted layers re-initialised
     (seeded by `randomize_seed`): the parameter-randomisation sanity check.
+    `chunk_size` is the rows per forward pass of Score-CAM, Faster-ScoreCAM and
+    occlusion (0: 64), `top_channels` Faster-ScoreCAM's kept channels (0: 10),
+    `window`/`stride`/`occlusion_value` occlusion's (0: 16, half the window; None: 0).
     """
     if objectives and (layer is not None or filter_indices):
         raise ValueError("give either objectives or layer/filter_indices, not both")
@@ -118,7 +126,13 @@ def explanation_request(
         output=output,
         samples=samples,
         steps=steps,
+        chunk_size=chunk_size,
+        top_channels=top_channels,
+        window=window,
+        stride=stride,
     )
+    if occlusion_value is not None:
+        explanation.occlusion_value = occlusion_value
     if normalize is not None:
         explanation.normalize = normalize
     if seed is not None:

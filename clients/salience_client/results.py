@@ -135,6 +135,13 @@ class ResolvedExplanation:
     # Sanity check: the re-initialised layers (output first) and their seed.
     randomized_layers: tuple[str, ...] = ()
     randomization_seed: int = 0
+    # Score-CAM family and occlusion: rows per forward pass; Faster-ScoreCAM's kept
+    # channels; occlusion's window, stride and value (0 for other methods).
+    chunk_size: int = 0
+    top_channels: int = 0
+    window: int = 0
+    stride: int = 0
+    occlusion_value: float = 0.0
 
     @classmethod
     def from_proto(cls, message: pb.ResolvedExplanation) -> ResolvedExplanation:
@@ -157,6 +164,11 @@ class ResolvedExplanation:
             output=message.output,
             randomized_layers=tuple(message.randomized_layers),
             randomization_seed=int(message.randomization_seed),
+            chunk_size=int(message.chunk_size),
+            top_channels=int(message.top_channels),
+            window=int(message.window),
+            stride=int(message.stride),
+            occlusion_value=float(message.occlusion_value),
         )
 
 

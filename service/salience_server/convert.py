@@ -12,6 +12,9 @@ from salience_client.tensors import TensorError
 from salience_server.errors import InvalidArgument, allowed
 from salience_server.explain import catalog
 from salience_server.explain.options import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_OCCLUSION_VALUE,
+    MAX_CHUNK_SIZE,
     VANILLA,
     ExplainOptions,
     ExplainResult,
@@ -163,6 +166,22 @@ def explain_options(explanation: pb.Explanation, limits: Limits | None = None) -
             f"of each sample's value range, at most {FLOAT32_MAX:.7g} as it is computed in "
             "float32; unset means the default)"
         )
+    if explanation.chunk_size > MAX_CHUNK_SIZE:
+        raise InvalidArgument(
+            f"explanation.chunk_size={explanation.chunk_size} is out of range: use "
+            f"1..{MAX_CHUNK_SIZE} rows per forward pass (0 for the default, {DEFAULT_CHUNK_SIZE})"
+        )
+    occlusion_value = (
+        explanation.occlusion_value if explanation.HasField("occlusion_value") else None
+    )
+    if occlusion_value is not None and not (
+        np.isfinite(occlusion_value) and abs(occlusion_value) <= FLOAT32_MAX
+    ):
+        raise InvalidArgument(
+            f"explanation.occlusion_value={occlusion_value} is not allowed: use a finite "
+            f"value of magnitude at most {FLOAT32_MAX:.7g} (unset means "
+            f"{DEFAULT_OCCLUSION_VALUE})"
+        )
     return ExplainOptions(
         method=explanation.method or VANILLA,
         objectives=objectives,
@@ -185,6 +204,11 @@ def explain_options(explanation: pb.Explanation, limits: Limits | None = None) -
         baseline=baseline,
         randomize_layers=explanation.randomization.layers,
         randomize_seed=explanation.randomization.seed,
+        chunk_size=explanation.chunk_size,
+        top_channels=explanation.top_channels,
+        window=explanation.window,
+        stride=explanation.stride,
+        occlusion_value=occlusion_value,
         unset=_unset_options(explanation),
     )
 
@@ -252,6 +276,11 @@ def explain_response(runtime: ModelDevice, result: ExplainResult) -> pb.ExplainR
         output=r.output_name,
         randomized_layers=list(r.randomized_layers),
         randomization_seed=r.randomization_seed,
+        chunk_size=r.chunk_size,
+        top_channels=r.top_channels,
+        window=r.window,
+        stride=r.stride,
+        occlusion_value=r.occlusion_value,
     )
     extras = {
         name: tensors.encode(np.asarray(value, dtype=np.float32), name)

@@ -133,6 +133,7 @@ _EXPLANATION_RENAMES = (
     re.compile(r"\bexplanation\.(grad_modifiers)(?:\[\d+\])?"),
     re.compile(
         r"\bexplanation\.(method|backprop_modifier|seed|samples|noise|steps|keepdims|"
+        r"chunk_size|top_channels|window|stride|occlusion_value|"
         r"normalize|keep_activation|output_dtype|input|output)\b"
     ),
 )
@@ -539,6 +540,12 @@ PARAMETERS: dict[str, Setter] = {
     "samples": lambda n, p, e: setattr(e, "samples", _count(n, p)),
     "noise": _set_noise,
     "steps": lambda n, p, e: setattr(e, "steps", _count(n, p)),
+    # Score-CAM, Faster-ScoreCAM and occlusion (Explanation fields 19-23).
+    "chunk_size": lambda n, p, e: setattr(e, "chunk_size", _count(n, p)),
+    "top_channels": lambda n, p, e: setattr(e, "top_channels", _count(n, p)),
+    "window": lambda n, p, e: setattr(e, "window", _count(n, p)),
+    "stride": lambda n, p, e: setattr(e, "stride", _count(n, p)),
+    "occlusion_value": lambda n, p, e: setattr(e, "occlusion_value", _number(n, p)),
     "keepdims": lambda n, p, e: setattr(e, "keepdims", _bool(n, p)),
     "normalize": lambda n, p, e: setattr(e, "normalize", _bool(n, p)),
     "keep_activation": lambda n, p, e: setattr(e, "keep_activation", _bool(n, p)),

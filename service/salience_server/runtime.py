@@ -31,10 +31,11 @@ from salience_server.errors import (
 )
 from salience_server.explain import backprop, modifiers, randomize
 from salience_server.explain.engine import DeviceFunction, RawTensors, Tensors, param_specs
-from salience_server.explain.methods import METHODS
+from salience_server.explain.methods import METHODS, occlusion
 from salience_server.explain.options import (
     DEFAULT_SAMPLES,
     DEFAULT_STEPS,
+    OCCLUSION,
     OUTPUT_DTYPES,
     ExplainOptions,
     ExplainResult,
@@ -76,6 +77,21 @@ def _check_honoured(options: ExplainOptions, plan: Plan) -> None:
     if options.wrt is not None and not r.wrt:
         raise InvalidArgument(
             f"explanation.wrt does not apply to method {method!r}: leave it unset"
+        )
+    unused = [
+        name
+        for name, asked, echoed in (
+            ("chunk_size", options.chunk_size, r.chunk_size),
+            ("top_channels", options.top_channels, r.top_channels),
+            ("window", options.window, r.window),
+            ("stride", options.stride, r.stride),
+            ("occlusion_value", options.occlusion_value is not None, r.window),
+        )
+        if asked and not echoed
+    ]
+    if unused:
+        raise InvalidArgument(
+            f"explanation.{unused[0]} does not apply to method {method!r}: leave it unset"
         )
     if options.penultimate_layer is not None and not r.penultimate_layer:
         raise InvalidArgument(
@@ -448,6 +464,8 @@ class ModelRuntime:
             raise InvalidArgument(
                 f"explanation.input is required: model {self.name!r} has inputs {allowed(names)}"
             )
+        if options.method == OCCLUSION:
+            occlusion.check_windows(self, options, limits)
 
     def cached_plan(self, options: ExplainOptions, batch: int) -> Plan | None:
         """The plan of checked options planned before at this batch size, made fresh
@@ -582,7 +600,7 @@ class ModelRuntime:
                 twin = randomize.copy_runtime(self, *graph.randomize)
                 plain = dataclasses.replace(graph, randomize=None)
                 fn = METHODS[graph.method].build(twin, plain, param_specs(params))
-            if self.placement.xla:
+            if self.placement.xla and METHODS[graph.method].xla:
                 fn = _with_xla(fn)
             self._functions[graph] = fn
             if len(self._functions) > FUNCTION_CACHE_SIZE:

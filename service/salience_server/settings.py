@@ -250,6 +250,13 @@ class Settings:
         default=512,
         metadata=_doc("Most Integrated Gradients steps one explanation may ask for"),
     )
+    max_windows: int = field(
+        default=4096,
+        metadata=_doc(
+            "Most occluded copies (window positions) of one sample an occlusion "
+            "explanation may ask for"
+        ),
+    )
     worker_threads: int = field(
         default=2,
         metadata=_doc(
@@ -364,6 +371,7 @@ class Settings:
             max_filter_indices=self.max_filter_indices,
             max_samples=self.max_samples,
             max_steps=self.max_steps,
+            max_windows=self.max_windows,
         )
 
     def __post_init__(self) -> None:
@@ -449,6 +457,7 @@ class Settings:
             "max_filter_indices",
             "max_samples",
             "max_steps",
+            "max_windows",
             "worker_threads",
             "max_device_batch_size",
         ):

@@ -30,6 +30,10 @@ TOLERANCE = 1e-5
 METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "smoothgrad": {"samples": 6, "seed": 2024, "noise": 0.2},
     "integrated-gradients": {"steps": 12},
+    "faster-scorecam": {"top_channels": 3},
+    # Chunks of 8 rows: one copy of each of 8 samples, 8 copies of a lone one.
+    "scorecam": {"chunk_size": 8},
+    "occlusion": {"window": 3, "stride": 2, "occlusion_value": 0.5, "chunk_size": 8},
 }
 
 

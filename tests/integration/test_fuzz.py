@@ -72,6 +72,10 @@ METHODS = [
     "smoothgrad",
     "integrated-gradients",
     "gradient-x-input",
+    "scorecam",
+    "faster-scorecam",
+    "layercam",
+    "occlusion",
     "",
     "lime",
     LONG_NAME,
@@ -232,6 +236,13 @@ def explanations(draw: st.DrawFn) -> pb.Explanation:
     if (noise := maybe(doubles)) is not None:
         e.noise = noise
     e.steps = maybe(st.one_of(st.integers(0, 9), st.integers(0, 2**32 - 1))) or 0
+    counts = st.one_of(st.integers(0, 9), st.integers(0, 2**32 - 1))
+    e.chunk_size = maybe(st.one_of(st.integers(0, 2000), st.integers(0, 2**32 - 1))) or 0
+    e.top_channels = maybe(counts) or 0
+    e.window = maybe(counts) or 0
+    e.stride = maybe(counts) or 0
+    if (value := maybe(doubles)) is not None:
+        e.occlusion_value = value
     if draw(one_in(4)):
         x = np.zeros(draw(st.sampled_from([LINEAR_SHAPE, (2, *LINEAR_SHAPE), (2, 2)])))
         e.baseline.CopyFrom(draw(mutated(tensors.encode(x.astype(np.float32)))))

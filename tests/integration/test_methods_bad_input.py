@@ -14,6 +14,7 @@ from tests.integration.models import LINEAR_SHAPE, build_repository
 
 MAX_SAMPLES = 8
 MAX_STEPS = 32
+MAX_WINDOWS = 20
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,9 @@ def client(tmp_path_factory: pytest.TempPathFactory, server_factory: Any) -> Sal
     h = keras.layers.Conv2D(2, 3, padding="same", name="conv")(image)
     h = keras.layers.GlobalAveragePooling2D(name="gap")(h)
     save_model(repo, "free", keras.Model(image, keras.layers.Dense(2, name="logits")(h)))
-    return server_factory(repo, max_samples=MAX_SAMPLES, max_steps=MAX_STEPS).client()
+    return server_factory(
+        repo, max_samples=MAX_SAMPLES, max_steps=MAX_STEPS, max_windows=MAX_WINDOWS
+    ).client()
 
 
 def x(n: int = 2) -> np.ndarray:
@@ -91,6 +94,73 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
         "explanation.baseline holds NaN or infinite values: only finite values are accepted",
     ),
     (
+        "chunk size over bound",
+        {"method": "occlusion", "chunk_size": 1025},
+        "explanation.chunk_size=1025 is out of range: use 1..1024 rows per forward pass "
+        "(0 for the default, 64)",
+    ),
+    (
+        "chunk size for vanilla",
+        {"method": "vanilla", "chunk_size": 8},
+        "explanation.chunk_size does not apply to method 'vanilla': leave it unset",
+    ),
+    (
+        "top channels over the layer's",
+        {"model": "free", "x": x() * 0 + 0.5, "method": "faster-scorecam", "top_channels": 3},
+        "explanation.top_channels=3 is out of range: CAM layer 'conv' has 2 channels "
+        "(valid 1..2, 0 for the default, 10 or every channel when fewer)",
+    ),
+    (
+        "top channels for scorecam",
+        {"model": "free", "method": "scorecam", "top_channels": 1},
+        "explanation.top_channels does not apply to method 'scorecam': leave it unset",
+    ),
+    (
+        "window over the input",
+        {"method": "occlusion", "window": 6},
+        "explanation.window=6 is out of range: input 'x' has spatial extent [6, 5] "
+        "(valid 1..5, 0 for the default, 16 or the smallest extent when smaller)",
+    ),
+    (
+        "stride over the window",
+        {"method": "occlusion", "window": 2, "stride": 3},
+        "explanation.stride=3 is out of range: use 1..2 (at most the window, 2; 0 for the "
+        "default, 1)",
+    ),
+    (
+        "occlusion windows over cap",
+        {"method": "occlusion", "window": 1},
+        f"explanation.window=1 with stride=1 gives 30 occluded copies per sample, over the "
+        f"server's max_windows={MAX_WINDOWS}: use a larger window or stride",
+    ),
+    (
+        "infinite occlusion value",
+        {"method": "occlusion", "occlusion_value": float("inf")},
+        "explanation.occlusion_value=inf is not allowed: use a finite value of magnitude at "
+        "most 3.402823e+38 (unset means 0.0)",
+    ),
+    (
+        "window for gradcam",
+        {"model": "free", "method": "gradcam", "window": 3},
+        "explanation.window does not apply to method 'gradcam': leave it unset",
+    ),
+    (
+        "occlusion value for scorecam",
+        {"model": "free", "method": "scorecam", "occlusion_value": 0.5},
+        "explanation.occlusion_value does not apply to method 'scorecam': leave it unset",
+    ),
+    (
+        "occlusion window over free input",
+        {
+            "model": "free",
+            "x": np.zeros((1, 9, 7, 3), np.float32),
+            "method": "occlusion",
+            "window": 8,
+        },
+        "explanation.window=8 is out of range: input 'image' has samples of spatial extent "
+        "[9, 7] (valid 1..7)",
+    ),
+    (
         "unknown output head",
         {"method": "smoothgrad", "output": "probabilities"},
         "explanation.output='probabilities' is not an output of the model: choose one of 'logits'",
@@ -145,3 +215,16 @@ def test_baseline_must_match_inputs_with_free_axes(client: SalienceClient) -> No
     )
     assert fitting.maps["absolute"].shape == (2, 9, 7)
     assert fitting.completeness_residual is not None
+
+
+def test_forward_pass_methods_serve_inputs_with_free_axes(client: SalienceClient) -> None:
+    """After their refusals, Score-CAM and occlusion still explain a model whose
+    spatial axes are free: the masks and windows follow the samples' own size."""
+    images = np.random.default_rng(2).uniform(0, 1, (2, 9, 7, 3)).astype(np.float32)
+    refused(client, model="free", x=images, method="occlusion", window=8)
+    occluded = client.explain("free", images, method="occlusion", window=7, stride=3)
+    assert occluded.maps["none"].shape == (2, 9, 7)
+    assert (occluded.resolved.window, occluded.resolved.stride) == (7, 3)
+    scored = client.explain("free", images, method="faster-scorecam", top_channels=1)
+    assert scored.maps["none"].shape == (2, 9, 7)
+    assert scored.resolved.penultimate_layer == "conv"

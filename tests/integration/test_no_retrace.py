@@ -32,11 +32,21 @@ CLASSES = 4
 GRAPH_OPTIONS: dict[str, dict[str, Any]] = {
     "smoothgrad": {"samples": 4},
     "integrated-gradients": {"steps": 8},
+    "occlusion": {"window": 3, "stride": 2},
 }
 BACKPROP_MODIFIERS = ["", "guided", "rectified"]
 # Grad-CAM and Grad-CAM++ weight activations by the ordinary gradient; Guided Grad-CAM
 # always uses "guided": none of them takes a backprop modifier.
-ORDINARY_GRADIENT_ONLY = {"gradcam", "gradcam++", "guided-gradcam"}
+# Score-CAM, Faster-ScoreCAM and occlusion take no gradient at all.
+ORDINARY_GRADIENT_ONLY = {
+    "gradcam",
+    "gradcam++",
+    "guided-gradcam",
+    "layercam",
+    "scorecam",
+    "faster-scorecam",
+    "occlusion",
+}
 CASES = [
     (method, modifier)
     for method in sorted(METHODS)
@@ -110,6 +120,10 @@ def per_request(method: str, k: int, n: int) -> dict[str, Any]:
         # One baseline for the batch or one per sample: both are per-sample rows.
         one = np.full(SHAPE, 0.1 * k, np.float32)
         return {"baseline": one if k % 2 else np.stack([one] * n)}
+    if method in ("scorecam", "faster-scorecam", "occlusion"):
+        # Rows per forward pass (and occlusion's value) are tensor arguments too.
+        chunk = {"chunk_size": [0, 5, 17][k % 3]}
+        return {**chunk, "occlusion_value": 0.1 * k} if method == "occlusion" else chunk
     return {}
 
 
@@ -170,6 +184,8 @@ def explain(
     [
         ("smoothgrad", "samples", [1, 2, 3, 5, 8, 13, 21]),
         ("integrated-gradients", "steps", [1, 2, 3, 5, 8, 13, 21]),
+        ("occlusion", "window", [1, 2, 3, 5, 8]),
+        ("faster-scorecam", "top_channels", [1, 2, 3, 4]),
     ],
 )
 def test_every_count_of_samples_or_steps_reuses_one_graph(
@@ -181,7 +197,7 @@ def test_every_count_of_samples_or_steps_reuses_one_graph(
     runtime = running.server.core.repository.get("convnet")
     x = images(2, 7)
     with running.client() as client:
-        raw = {"seed": 1, "normalize": False}
+        raw = {"seed": 1, "normalize": False, "grad_modifiers": ["absolute"]}
         first = client.explain("convnet", x, method=method, **raw, **{option: values[0]})
         graphs, before = runtime.traces, live_traces()
         maps = [first.maps]

@@ -552,10 +552,11 @@ BAD = [
         _with(_param("temperature", 1), outputs=("saliency",)),
         INVALID,
         "parameters['temperature'] is not a parameter salience knows: use one of "
-        "'backprop_modifier', 'filter_indices', 'grad_modifiers', 'input', 'keep_activation', "
-        "'keepdims', 'layer', 'method', 'noise', 'normalize', 'output', 'output_dtype', "
-        "'penultimate_layer', 'randomize_layers', 'randomize_seed', 'samples', 'seed', "
-        "'steps', 'wrt'",
+        "'backprop_modifier', 'chunk_size', 'filter_indices', 'grad_modifiers', 'input', "
+        "'keep_activation', 'keepdims', 'layer', 'method', 'noise', 'normalize', "
+        "'occlusion_value', 'output', 'output_dtype', 'penultimate_layer', "
+        "'randomize_layers', 'randomize_seed', 'samples', 'seed', 'steps', 'stride', "
+        "'top_channels', 'window', 'wrt'",
     ),
     (
         "parameter of the wrong kind",
@@ -786,3 +787,32 @@ def test_randomization_parameters_explain_the_randomised_copy(
     assert (caught.value.details() or "").startswith(
         "parameters['randomize_layers']=2 is over the 1 weighted layers of model 'linear'"
     )
+
+
+def test_occlusion_parameters_reach_explain(served: RunningServer, stub: Any) -> None:
+    """window, stride, occlusion_value and chunk_size are request parameters; a bad one
+    is refused in this protocol's words."""
+    x = x_linear(2, seed=8)
+    options = {"window": 2, "stride": 1, "chunk_size": 5, "normalize": False}
+    request = raw_request(
+        "linear", {"x": x}, ("saliency",), method="occlusion", occlusion_value=0.5, **options
+    )
+    got = raw_outputs(stub.ModelInfer(request, timeout=60))["saliency"]
+    with served.client() as client:
+        explained = client.explain(
+            "linear",
+            x,
+            method="occlusion",
+            occlusion_value=0.5,
+            grad_modifiers=["none"],
+            **options,
+        )
+        other = client.explain("linear", x, method="occlusion", grad_modifiers=["none"], **options)
+    assert explained.resolved.window == 2
+    np.testing.assert_allclose(got, explained.maps["none"], rtol=1e-6, atol=1e-7)
+    assert not np.allclose(got, other.maps["none"], atol=1e-3)  # the value was applied
+    request = raw_request("linear", {"x": x}, ("saliency",), method="occlusion", stride=3, window=2)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(request, timeout=60)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (caught.value.details() or "").startswith("parameters['stride']=3 is out of range")

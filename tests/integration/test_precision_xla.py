@@ -40,6 +40,12 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "gradcam++": {},
     "guided-gradcam": {},
     "smoothgrad": {"samples": 8, "seed": 7},
+    # Layer-CAM compiles as Grad-CAM; Score-CAM and occlusion run uncompiled (their
+    # copies per call follow tensor arguments), so XLA must leave them as they are.
+    "layercam": {},
+    "scorecam": {},
+    "faster-scorecam": {"top_channels": 2},
+    "occlusion": {"window": 3},
 }
 
 
@@ -138,7 +144,9 @@ def test_mixed_precision_maps_and_predictions_are_close_to_float32(
     assert runtime.model.get_layer("probs").compute_dtype == "float32"
     map_atol, output_atol = MIXED[dtype]
     x = images()
-    for method in sorted(set(OPTIONS) - {"guided-gradcam"}):  # guided needs ReLUs
+    # Guided needs ReLUs. Occlusion's map is made of differences of nearly equal
+    # scores, which carry the reduced type's rounding whole (the README says so).
+    for method in sorted(set(OPTIONS) - {"guided-gradcam", "occlusion"}):
         want = explain(baseline, "smooth", method, x)
         got = explain(mixed, "smooth", method, x)
         assert got.outputs["probs"].dtype == np.float32

@@ -17,6 +17,8 @@ from salience_client import Objective, SalienceClient, SalienceError
 SHAPE = (6, 5, 3)
 ATOL = 1e-5
 GRADIENT_METHODS = ["vanilla", "smoothgrad", "integrated-gradients", "gradient-x-input"]
+# What needs no layer: the gradient methods and occlusion (forward passes only).
+SIGNATURE_METHODS = [*GRADIENT_METHODS, "occlusion"]
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +76,7 @@ def test_predictions_are_the_keras_models(client: SalienceClient) -> None:
         np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
 
 
-@pytest.mark.parametrize("method", GRADIENT_METHODS)
+@pytest.mark.parametrize("method", SIGNATURE_METHODS)
 @pytest.mark.parametrize("normalize", [True, False])
 def test_maps_equal_the_keras_models(client: SalienceClient, method: str, normalize: bool) -> None:
     options: dict[str, Any] = {
@@ -151,7 +153,7 @@ def test_softmax_outputs_are_scored_as_activations(client: SalienceClient) -> No
 
 def test_metadata_lists_what_a_saved_model_supports(client: SalienceClient) -> None:
     meta = client.metadata("heads_saved")
-    assert list(meta.methods) == GRADIENT_METHODS
+    assert list(meta.methods) == SIGNATURE_METHODS
     assert list(meta.backprop_modifiers) == []
     assert list(meta.layers) == []
     assert [(s.name, list(s.shape)) for s in meta.inputs] == [("image", [-1, *SHAPE])]

@@ -402,3 +402,109 @@ def test_guided_gradcam_equals_guided_saliency_times_cam(
         low = s.min(axis=(1, 2), keepdims=True)
         high = s.max(axis=(1, 2), keepdims=True)
         check_close(ours[modifier], (s - low) / (high - low + EPS), normalize=True)
+
+
+# Score-CAM, Faster-ScoreCAM and Layer-CAM ----------------------------------------------
+
+
+def tkv_cam(model: Any, kind: str) -> Any:
+    from tf_keras_vis.layercam import Layercam
+    from tf_keras_vis.scorecam import Scorecam
+    from tf_keras_vis.utils.model_modifiers import ReplaceToLinear
+
+    return {"scorecam": Scorecam, "layercam": Layercam}[kind](
+        model, model_modifier=ReplaceToLinear(), clone=True
+    )
+
+
+@pytest.mark.parametrize("layer", ["relu2", "conv1"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_scorecam_equals_tf_keras_vis_scorecam(
+    client: SalienceClient, model: Any, x: np.ndarray, normalize: bool, layer: str
+) -> None:
+    """tf-keras-vis scores the masked inputs by the softmax of the linearised model's
+    logits, which are our default (the activated output's) probabilities. The CAM
+    layers keep the 8×8 grid: its zoom and our resize are both the identity."""
+    ours = per_sample_maps(
+        client, x, CLASSES, method="scorecam", penultimate_layer=layer, normalize=normalize
+    )
+    want = tkv_cam(model, "scorecam")(
+        categorical(CLASSES),
+        x,
+        penultimate_layer=layer,
+        seek_penultimate_conv_layer=False,
+        expand_cam=False,
+        normalize_cam=normalize,
+    )
+    check_close(ours["none"], want, normalize)
+
+
+@pytest.mark.parametrize("top", [1, 3])
+def test_faster_scorecam_equals_tf_keras_vis_scorecam_max_n(
+    client: SalienceClient, model: Any, x: np.ndarray, top: int
+) -> None:
+    """tf-keras-vis keeps the union of every sample's top-k channels over its batch, so
+    it is called one sample at a time (our maps never depend on the batch)."""
+    ours = per_sample_maps(
+        client,
+        x,
+        CLASSES,
+        method="faster-scorecam",
+        penultimate_layer="conv1",
+        top_channels=top,
+        normalize=False,
+    )
+    theirs = tkv_cam(model, "scorecam")
+    want = np.concatenate(
+        [
+            theirs(
+                categorical(c),
+                x[i : i + 1],
+                penultimate_layer="conv1",
+                seek_penultimate_conv_layer=False,
+                expand_cam=False,
+                normalize_cam=False,
+                max_N=top,
+            )
+            for i, c in enumerate(CLASSES)
+        ]
+    )
+    check_close(ours["none"], want, normalize=False)
+    every = theirs(
+        categorical(CLASSES),
+        x,
+        penultimate_layer="conv1",
+        seek_penultimate_conv_layer=False,
+        expand_cam=False,
+        normalize_cam=False,
+    )
+    assert max_diff(ours["none"], every) > 1e-3 * float(np.max(np.abs(every)))
+
+
+@pytest.mark.parametrize("layer", ["relu2", "conv1"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_layercam_equals_tf_keras_vis_layercam(
+    client: SalienceClient, model: Any, x: np.ndarray, normalize: bool, layer: str
+) -> None:
+    modifiers = ["relu", "none", "absolute"]
+    ours = per_sample_maps(
+        client,
+        x,
+        CLASSES,
+        method="layercam",
+        penultimate_layer=layer,
+        grad_modifiers=modifiers,
+        normalize=normalize,
+    )
+    theirs = tkv_cam(model, "layercam")
+    for modifier in modifiers:
+        want = theirs(
+            categorical(CLASSES),
+            x,
+            penultimate_layer=layer,
+            seek_penultimate_conv_layer=False,
+            gradient_modifier=tkv_modifier(modifier),
+            expand_cam=False,
+            normalize_cam=normalize,
+        )
+        check_close(ours[modifier], want, normalize)

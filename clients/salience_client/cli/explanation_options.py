@@ -57,7 +57,7 @@ def explanation_parser() -> argparse.ArgumentParser:
         default="",
         metavar="NAME",
         help="vanilla (default), gradcam, gradcam++, guided-gradcam, smoothgrad, "
-        "integrated-gradients, gradient-x-input",
+        "integrated-gradients, gradient-x-input, scorecam, faster-scorecam, layercam, occlusion",
     )
     options.add_argument(
         "--backprop-modifier",
@@ -91,6 +91,39 @@ def explanation_parser() -> argparse.ArgumentParser:
     )
     options.add_argument(
         "--seed", type=parse_count, metavar="N", help="seed of SmoothGrad's noise (echoed)"
+    )
+    # Score-CAM, Faster-ScoreCAM and occlusion.
+    forward = options.add_argument_group("Score-CAM and occlusion options")
+    forward.add_argument(
+        "--chunk-size",
+        type=parse_count,
+        default=0,
+        metavar="N",
+        help="rows per batched forward pass (64; at most 1024)",
+    )
+    forward.add_argument(
+        "--top-channels",
+        type=parse_count,
+        default=0,
+        metavar="K",
+        help="Faster-ScoreCAM: channels of highest variance scored (10)",
+    )
+    forward.add_argument(
+        "--window",
+        type=parse_count,
+        default=0,
+        metavar="W",
+        help="occlusion window side in pixels (16, or the input's smallest extent)",
+    )
+    forward.add_argument(
+        "--stride",
+        type=parse_count,
+        default=0,
+        metavar="S",
+        help="occlusion stride in pixels (half the window)",
+    )
+    forward.add_argument(
+        "--occlusion-value", type=float, metavar="V", help="value of occluded pixels (0)"
     )
     options.add_argument(
         "--input-name", default="", metavar="NAME", help="the input the maps are for"
@@ -139,6 +172,11 @@ def explanation_options(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "input_name": args.input_name,
         "output": args.output_head,
+        "chunk_size": args.chunk_size,
+        "top_channels": args.top_channels,
+        "window": args.window,
+        "stride": args.stride,
+        "occlusion_value": args.occlusion_value,
     }
 
 

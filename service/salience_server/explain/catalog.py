@@ -21,6 +21,10 @@ _METHODS: dict[str, str] = {
     "gradcam": "none",
     "gradcam++": "none",
     "guided-gradcam": "absolute",
+    "scorecam": "none",
+    "faster-scorecam": "none",
+    "layercam": "relu",
+    "occlusion": "none",
 }
 METHODS = MappingProxyType(_METHODS)
 

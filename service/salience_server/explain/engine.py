@@ -50,6 +50,10 @@ class Method:
     # Whether the method needs the model's Keras layers (not only a gradient of
     # its outputs with respect to its inputs).
     needs_layers: bool = False
+    # Whether `--xla` may compile the device function: false for methods whose loop
+    # shapes follow tensor arguments (how many copies a request scores), which XLA
+    # cannot compile without a graph per value; they run uncompiled under XLA.
+    xla: bool = True
 
     def supported(self, runtime: ModelRuntime) -> str | None:
         """None when the method can explain this model, else the reason it cannot."""

@@ -21,6 +21,10 @@ GUIDED_GRADCAM = "guided-gradcam"
 SMOOTHGRAD = "smoothgrad"
 INTEGRATED_GRADIENTS = "integrated-gradients"
 GRADIENT_X_INPUT = "gradient-x-input"
+SCORECAM = "scorecam"
+FASTER_SCORECAM = "faster-scorecam"
+LAYERCAM = "layercam"
+OCCLUSION = "occlusion"
 METHOD_NAMES: tuple[str, ...] = (
     VANILLA,
     GRADCAM,
@@ -29,6 +33,10 @@ METHOD_NAMES: tuple[str, ...] = (
     SMOOTHGRAD,
     INTEGRATED_GRADIENTS,
     GRADIENT_X_INPUT,
+    SCORECAM,
+    FASTER_SCORECAM,
+    LAYERCAM,
+    OCCLUSION,
 )
 
 DEFAULT_GRAD_MODIFIER = "absolute"
@@ -37,6 +45,26 @@ DEFAULT_GRAD_MODIFIER = "absolute"
 DEFAULT_SAMPLES = 16
 DEFAULT_NOISE = 0.15
 DEFAULT_STEPS = 64
+# Score-CAM and occlusion: rows (copies x samples) of one batched forward pass, and
+# its bound. Memory grows with the chunk, speed barely beyond a few dozen rows.
+DEFAULT_CHUNK_SIZE = 64
+MAX_CHUNK_SIZE = 1024
+# Faster-ScoreCAM: the channels of highest spatial variance it keeps (tf-keras-vis's
+# max_N); fewer when the CAM layer has fewer channels.
+DEFAULT_TOP_CHANNELS = 10
+# Occlusion: the side of the square (cube) window, in pixels of every spatial axis
+# (clamped to the input's smallest spatial extent when unset and the model fixes
+# that extent: free axes are only known when computed); the stride defaults to
+# half the window (at least 1); the occluded pixels take the value 0 by default.
+DEFAULT_WINDOW = 16
+DEFAULT_OCCLUSION_VALUE = 0.0
+
+
+def default_stride(window: int) -> int:
+    """Occlusion's stride when the request sets none: half the window, at least 1."""
+    return max(1, window // 2)
+
+
 # Element type of returned maps, by the short names the wire codec uses.
 OUTPUT_DTYPES: tuple[str, ...] = ("float32", "float16", "uint8")
 
@@ -48,6 +76,8 @@ class Limits:
     max_objectives: int = 16
     max_samples: int = 128
     max_steps: int = 512
+    # Occlusion: most occluded copies (window positions) of one sample.
+    max_windows: int = 4096
     # Per objective: each index is resolved and echoed one by one.
     max_filter_indices: int = 4096
     # The caps above that a model's configuration lowered (messages name their owner).
@@ -107,6 +137,14 @@ class ExplainOptions:
     noise: float | None = None  # None: DEFAULT_NOISE
     steps: int = 0  # 0: DEFAULT_STEPS
     baseline: np.ndarray | None = None  # one sample or one per sample; None: zeros
+    # Score-CAM, Faster-ScoreCAM, occlusion: rows per batched forward pass (0: default).
+    chunk_size: int = 0
+    # Faster-ScoreCAM: channels kept (0: DEFAULT_TOP_CHANNELS).
+    top_channels: int = 0
+    # Occlusion: window side and stride in pixels (0: defaults), occluding value.
+    window: int = 0
+    stride: int = 0
+    occlusion_value: float | None = None
     # Sanity check: explain a copy whose top `randomize_layers` weighted layers are
     # re-initialised with `randomize_seed` (0: the trained model).
     randomize_layers: int = 0
@@ -151,6 +189,13 @@ class ResolvedExplanation:
     # The re-initialised layers (output first) and their seed; () for the trained model.
     randomized_layers: tuple[str, ...] = ()
     randomization_seed: int = 0
+    # Score-CAM family and occlusion: rows per forward pass; Faster-ScoreCAM's kept
+    # channels; occlusion's window, stride and value (0 when the method has none).
+    chunk_size: int = 0
+    top_channels: int = 0
+    window: int = 0
+    stride: int = 0
+    occlusion_value: float = 0.0
 
 
 @dataclass

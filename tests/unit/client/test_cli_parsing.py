@@ -555,3 +555,25 @@ def test_the_help_names_every_exit_status(capsys: pytest.CaptureFixture[str]) ->
     assert "exit status 3 when one failed or is still loading" in " ".join(
         capsys.readouterr().out.split()
     )
+
+
+def test_forward_pass_method_flags_become_explain_options() -> None:
+    from salience_client.cli.explanation_options import explanation_options
+
+    options = explanation_options(parse_args(EXPLAIN))
+    assert (options["chunk_size"], options["top_channels"]) == (0, 0)
+    assert (options["window"], options["stride"], options["occlusion_value"]) == (0, 0, None)
+    args = parse_args(
+        [*EXPLAIN, "--method", "occlusion", "--chunk-size", "32", "--top-channels", "4",
+         "--window", "8", "--stride", "3", "--occlusion-value", "-0.5"]
+    )  # fmt: skip
+    options = explanation_options(args)
+    assert options["method"] == "occlusion"
+    assert (options["chunk_size"], options["top_channels"]) == (32, 4)
+    assert (options["window"], options["stride"], options["occlusion_value"]) == (8, 3, -0.5)
+    from salience_client.client import explanation_request
+
+    e = explanation_request("m", np.zeros((1, 4, 4, 1), np.float32), **options).explanation
+    assert (e.chunk_size, e.top_channels, e.window, e.stride) == (32, 4, 8, 3)
+    assert e.HasField("occlusion_value")
+    assert e.occlusion_value == -0.5

@@ -7,6 +7,9 @@ from salience_server.explain.engine import Method
 from salience_server.explain.methods.cam import GradCam, GradCamPlusPlus, GuidedGradCam
 from salience_server.explain.methods.gradient_x_input import GradientXInput
 from salience_server.explain.methods.integrated_gradients import IntegratedGradients
+from salience_server.explain.methods.layercam import LayerCam
+from salience_server.explain.methods.occlusion import Occlusion
+from salience_server.explain.methods.scorecam import FasterScoreCam, ScoreCam
 from salience_server.explain.methods.smoothgrad import SmoothGrad
 from salience_server.explain.methods.vanilla import Vanilla
 
@@ -20,6 +23,10 @@ METHODS: dict[str, Method] = {
         GradCam(),
         GradCamPlusPlus(),
         GuidedGradCam(),
+        ScoreCam(),
+        FasterScoreCam(),
+        LayerCam(),
+        Occlusion(),
     )
 }
 catalog.check_implemented("methods", METHODS, catalog.METHODS)

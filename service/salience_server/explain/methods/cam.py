@@ -80,7 +80,7 @@ MAX_SPATIAL_RANK = 3  # resizing handles 1-D, 2-D and 3-D maps
 # Which layers can carry a CAM -------------------------------------------------
 
 
-def _spatial_rank(runtime: ModelRuntime, input_index: int) -> int:
+def spatial_rank(runtime: ModelRuntime, input_index: int) -> int:
     return len(runtime.inputs[input_index].shape) - 2
 
 
@@ -109,7 +109,7 @@ def cam_layer_problem(layer: keras.layers.Layer, spatial_rank: int) -> str | Non
 def candidates(runtime: ModelRuntime, targets: Sequence[Target], input_index: int) -> list[int]:
     """Indices of the layers that can be the CAM layer of these targets, in order."""
     model = runtime.model
-    rank = _spatial_rank(runtime, input_index)
+    rank = spatial_rank(runtime, input_index)
     above: set[int] = set()
     for target in targets:
         above |= ancestry.ancestors(model, target.layer_index)
@@ -121,7 +121,7 @@ def candidates(runtime: ModelRuntime, targets: Sequence[Target], input_index: in
     ]
 
 
-def _unsupported_reason(runtime: ModelRuntime) -> str | None:
+def unsupported_reason(runtime: ModelRuntime) -> str | None:
     """Why no CAM can be computed for this model at all (cached on the runtime)."""
     return runtime.derive(("cam-scan",), lambda: _find_unsupported_reason(runtime))
 
@@ -139,7 +139,7 @@ def _find_unsupported_reason(runtime: ModelRuntime) -> str | None:
             "activation map is resized to"
         )
     for k in spatial:
-        rank = _spatial_rank(runtime, k)
+        rank = spatial_rank(runtime, k)
         for i, layer in enumerate(model.layers):
             if cam_layer_problem(layer, rank) is None and ancestry.depends_on_input(model, i, k):
                 return None
@@ -155,7 +155,7 @@ def resolve_penultimate(
     """The CAM layer's index: the request's, checked, or the default rule's."""
     model = runtime.model
     layers = model.layers
-    rank = _spatial_rank(runtime, input_index)
+    rank = spatial_rank(runtime, input_index)
     if not 1 <= rank <= MAX_SPATIAL_RANK:
         raise InvalidArgument(
             f"explanation.input={runtime.inputs[input_index].name!r} has shape "
@@ -240,11 +240,11 @@ def gradcam_plus_plus(a: tf.Tensor, gc: tf.Tensor) -> tf.Tensor:
     return tf.nn.relu(tf.reduce_sum(weights * a, axis=-1))
 
 
-def _per_sample(reduce: Callable[..., tf.Tensor], s: tf.Tensor) -> tf.Tensor:
+def per_sample_reduce(reduce: Callable[..., tf.Tensor], s: tf.Tensor) -> tf.Tensor:
     return reduce(s, axis=list(range(1, len(s.shape))), keepdims=True)
 
 
-def _quantise(s: tf.Tensor, output_dtype: str) -> tf.Tensor:
+def quantise(s: tf.Tensor, output_dtype: str) -> tf.Tensor:
     if output_dtype == "uint8":
         return tf.cast(tf.round(tf.clip_by_value(s, 0.0, 1.0) * 255.0), tf.uint8)
     return tf.cast(s, tf.as_dtype(output_dtype))
@@ -282,20 +282,20 @@ def cam_maps(
                 cam = tf.cast(resize(gradcam_plus_plus(a, gc), size, spatial_rank), tf.float64)
                 if normalize:
                     # normalise(exp(s)·M₀) = (M₀ − min) / (max − min + ε·exp(−s)).
-                    low = _per_sample(tf.reduce_min, cam)
-                    high = _per_sample(tf.reduce_max, cam)
+                    low = per_sample_reduce(tf.reduce_min, cam)
+                    high = per_sample_reduce(tf.reduce_max, cam)
                     epsilon = modifiers.EPSILON * tf.exp(-log_scale)
                     cam = (cam - low) / (high - low + epsilon)
                 else:
                     cam = cam * tf.exp(log_scale)
-                out.append(_quantise(cam, output_dtype))
+                out.append(quantise(cam, output_dtype))
                 continue
             cam = resize(gradcam(a, gc), size, spatial_rank)
             if normalize:
-                low = _per_sample(tf.reduce_min, cam)
-                high = _per_sample(tf.reduce_max, cam)
+                low = per_sample_reduce(tf.reduce_min, cam)
+                high = per_sample_reduce(tf.reduce_max, cam)
                 cam = (cam - low) / (high - low + modifiers.EPSILON)
-            out.append(_quantise(cam, output_dtype))
+            out.append(quantise(cam, output_dtype))
         return tuple(out)
 
     return maps
@@ -321,13 +321,13 @@ def guided_product(rank: int) -> Callable[..., tf.Tensor]:
 # The methods --------------------------------------------------------------------
 
 
-class _Cam(Method):
+class CamMethod(Method):
     default_grad_modifier = "none"
     needs_layers = True
     guided = False
 
     def supported(self, runtime: ModelRuntime) -> str | None:
-        reason = _unsupported_reason(runtime)
+        reason = unsupported_reason(runtime)
         if reason is None and self.guided:
             guided = backprop.unsupported_reason(runtime)
             reason = None if guided is None else f"it needs guided backprop, but {guided}"
@@ -434,15 +434,15 @@ class _Cam(Method):
         return dict(zip(p.grad_modifiers, maps(a, g, scores, raw[SIZE][0]), strict=True)), {}
 
 
-class GradCam(_Cam):
+class GradCam(CamMethod):
     name = GRADCAM
 
 
-class GradCamPlusPlus(_Cam):
+class GradCamPlusPlus(CamMethod):
     name = GRADCAM_PLUS_PLUS
 
 
-class GuidedGradCam(_Cam):
+class GuidedGradCam(CamMethod):
     name = GUIDED_GRADCAM
     default_grad_modifier = "absolute"
     guided = True
