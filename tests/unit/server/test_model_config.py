@@ -315,5 +315,7 @@ def test_the_readme_example_is_a_valid_configuration(tmp_path: Path) -> None:
     assert config.labels == ("a", "b")
     assert config.version_policy == VersionPolicy("latest", 1, ())
     assert config.explain.method == "smoothgrad"
-    assert config.limits == ModelLimits(16, 4, 64, 256)
+    assert config.limits == ModelLimits(16, 4, 64, 256, 2**26, 2**26)
+    assert config.batching.max_queue_cost == 2**28
+    assert config.batching.max_call_cost == config.batching.light_request_cost == 2**24
     assert config.preprocess.offset == (-0.485, -0.456, -0.406)
