@@ -63,6 +63,7 @@ from collections import deque
 from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -228,9 +229,11 @@ class Batcher:
         self._row_cost_by_key: dict[Key, int] = {}
         self._lane_rows = [0, 0]
         self._lane_cost = [0, 0]
-        # Weighted fair queueing: each lane's dispatched cost over its weight.
-        self._served = [0.0, 0.0]
-        self._weights = (1.0 - config.heavy_share, config.heavy_share)
+        # Weighted fair queueing: each lane's dispatched cost over its weight, exact
+        # (rational), so that equal shares tie exactly and ties go to the light lane.
+        heavy = Fraction(config.heavy_share).limit_denominator(1000)
+        self._weights = (1 - heavy, heavy)
+        self._served = [Fraction(0), Fraction(0)]
         self._heavy_calls = 0
         self._room: asyncio.Future[None] | None = None  # settled when rows leave
         self._queue_cost = tuple(metrics.queue_cost.labels(model, lane) for lane in LANES)
