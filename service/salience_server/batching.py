@@ -195,6 +195,7 @@ class BatchStats:
     # The most heavy calls dispatched between a light request's queueing and its
     # own call: 0 while the light lane is within its share (light goes first).
     max_heavy_calls_before_light: int = 0
+    room_waits: int = 0  # times a caller (a stream) waited for room in a full queue
 
 
 class Batcher:
@@ -271,10 +272,17 @@ class Batcher:
         refuses with UNAVAILABLE): how a stream waits instead of failing.
         """
         while not self._closing and not self.has_room(rows, cost, lane):
-            if self._room is None or self._room.done():
-                self._room = asyncio.get_running_loop().create_future()
-            # Shielded: one waiter going away must not cancel the others' wake-up.
-            await asyncio.shield(self._room)
+            await self.left()
+
+    async def left(self) -> None:
+        """Returns once samples next leave the queue (or at once when shutting down)."""
+        if self._closing:
+            return
+        self.stats.room_waits += 1
+        if self._room is None or self._room.done():
+            self._room = asyncio.get_running_loop().create_future()
+        # Shielded: one waiter going away must not cancel the others' wake-up.
+        await asyncio.shield(self._room)
 
     def admit(
         self, rows: int, deadline: float | None, cost: int = 0, lane: int | None = None
@@ -534,7 +542,7 @@ class Batcher:
         ):
             return self._take(head.key)
         for key, rows in self._queued_by_key.items():
-            if key[1] == lane and rows >= self._call_rows(key):
+            if _lane_of(key) == lane and rows >= self._call_rows(key):
                 return self._take(key)
         return close_at - now
 
@@ -547,7 +555,7 @@ class Batcher:
         rows = 0
         kind = PREDICT
         keep: deque[_Job] = deque()
-        lane = key[1]
+        lane = only.lane if only is not None else _lane_of(key)
         for job in self._lanes[lane]:
             if job.gone or job.taken >= job.rows:
                 continue
@@ -815,6 +823,13 @@ class Batcher:
         if self._task is not None:
             await self._task
         await asyncio.to_thread(self._device.shutdown, True)
+
+
+def _lane_of(key: Key) -> int:
+    """The lane of a key's requests (its second item)."""
+    lane = key[1]
+    assert isinstance(lane, int)
+    return lane
 
 
 def _plan_of(job: _Job) -> Plan:

@@ -219,6 +219,12 @@ class InferenceCore:
         """
         await self.batcher(self.runtime(name, version)).wait_for_room(rows)
 
+    async def queue_changed(self, name: str, version: int) -> None:
+        """Returns once samples next leave the model's queue (or it is shutting down):
+        a request refused for a full queue may be tried again then.
+        """
+        await self.batcher(self.runtime(name, version)).left()
+
     async def _on_host(self, work: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._host, work)
 

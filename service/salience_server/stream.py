@@ -37,7 +37,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import Any
 
 from salience.v1 import salience_pb2 as pb
@@ -172,26 +172,26 @@ class _Stream:
             task = asyncio.create_task(_raise(err), name="salience-stream-frame")
             self.frames.append(_Frame(request.frame_id, index, 0, task))
             return False
-        task = asyncio.create_task(self._explain(arrays, rows), name="salience-stream-frame")
+        task = asyncio.create_task(self._explain(arrays), name="salience-stream-frame")
         self.frames.append(_Frame(request.frame_id, index, rows, task))
         self.in_flight += rows
         return True
 
-    async def _explain(self, arrays: dict[str, Any], rows: int) -> pb.ExplainResponse:
+    async def _explain(self, arrays: dict[str, Any]) -> pb.ExplainResponse:
         while True:
             try:
                 runtime, result = await self.core.explain(
                     self.name, self.version, arrays, self.options, self.deadline
                 )
             except QueueFull:
-                # Busy, not wrong: wait for room (the deadline still bounds the stream).
-                await self._wait_for_room(rows)
+                # Busy, not wrong: try again once samples have left the queue (the
+                # deadline still bounds the stream).
+                await self._within_deadline(self.core.queue_changed(self.name, self.version))
                 continue
             return convert.explain_response(runtime, result)
 
-    async def _wait_for_room(self, rows: int) -> None:
-        """Waits until the model's queue has room, within the stream's deadline."""
-        wait = self.core.wait_for_room(self.name, self.version, rows)
+    async def _within_deadline(self, wait: Awaitable[None]) -> None:
+        """Waits for room in the model's queue, within the stream's deadline."""
         if self.deadline is None:
             await wait
             return
@@ -212,7 +212,7 @@ class _Stream:
                     self.changed.clear()
                     await self.changed.wait()
                 # Nothing more is read while the model has no room for it.
-                await self._wait_for_room(1)
+                await self._within_deadline(self.core.wait_for_room(self.name, self.version))
                 request = await anext(requests, None)
                 if request is None:
                     return

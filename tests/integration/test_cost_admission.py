@@ -128,6 +128,7 @@ def test_smoothgrad_128_samples_on_a_megapixel_input_is_refused_at_once(
         "fewer rows or a smaller input"
     )
     # Refused before the device: no explain sample was computed, the cost is counted.
+    assert counter(server, "salience_samples_total", kind="predict") >= 1
     assert counter(server, "salience_samples_total", kind="explain") == 0
     refused = counter(server, "salience_request_cost_refused_total", reason="over_cap")
     assert refused == 128 * ELEMENTS
