@@ -316,8 +316,8 @@ class Settings:
     max_queue_size: int = field(
         default=256,
         metadata=_doc(
-            "Most samples waiting for the device per model; a request that does not fit "
-            "is refused at once with RESOURCE_EXHAUSTED (at least max_batch_size)"
+            "Most samples waiting for the device per model and lane; a request that does "
+            "not fit is refused at once with RESOURCE_EXHAUSTED (at least max_batch_size)"
         ),
     )
     max_queue_cost: int = field(

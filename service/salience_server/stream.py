@@ -212,7 +212,10 @@ class _Stream:
                     self.changed.clear()
                     await self.changed.wait()
                 # Nothing more is read while the model has no room for it.
-                await self._within_deadline(self.core.wait_for_room(self.name, self.version))
+                with contextlib.suppress(ServiceError):
+                    # Gone, shutting down or past the deadline: the frame read next
+                    # fails with it, naming itself.
+                    await self._within_deadline(self.core.wait_for_room(self.name, self.version))
                 request = await anext(requests, None)
                 if request is None:
                     return
