@@ -21,12 +21,29 @@ only the requests at fault fail; their callers get the error (INTERNAL;
 RESOURCE_EXHAUSTED for device memory, INVALID_ARGUMENT for inputs the model's
 ops refuse), and the model serves on.
 
-Fairness: the next batch is always the oldest queued request's, except that a
-batch already full of another kind may go first while the oldest waits for
-company; so no graph waits longer than its delay plus one device call.
+Lanes: every request's cost is estimated before it queues (`salience_server.cost`:
+rows × evaluations × input elements). Predicts, and explanations costing at most
+`light_request_cost`, queue in the light lane; costlier explanations in the heavy
+lane. A heavy request's rows are split over device calls of at most
+`max_call_cost` each (at least one row a call), and between device calls the
+batcher picks the lane that is owed most: weighted fair queueing by cost, each
+lane charged the cost of the calls it dispatched, the heavy lane weighted
+`heavy_share`. A lane that was empty starts level with the other (no credit for
+idle time), and ties go to the light lane, so a light request arriving during a
+heavy call is the next call, and a heavy flood costs a light request at most the
+one bounded call already on the device; under a flood of light work the heavy
+lane still gets its share. Why this and not strict priority: strict priority would
+starve heavy work under sustained light load; why chunks: a device call cannot
+be pre-empted, so the wait of a light request is bounded only if calls are.
 
-Backpressure: at most `max_queue_size` samples wait per model; a request that does
-not fit is refused at once with RESOURCE_EXHAUSTED. A request whose caller went
+Fairness within a lane: the next batch is always the oldest queued request's,
+except that a batch already full of another kind may go first while the oldest
+waits for company; so no graph waits longer than its delay plus one device call.
+
+Backpressure: per model and lane, at most `max_queue_size` samples and
+`max_queue_cost` of cost wait; a request that does not fit is refused at once
+with RESOURCE_EXHAUSTED (a heavy flood fills only the heavy lane's room), and
+`wait_for_room` lets a stream wait for room instead. A request whose caller went
 away (its waiting task is cancelled, and with it its future) or whose deadline
 passed is dropped before it reaches the device. Every clock here is
 `time.monotonic`.
@@ -45,14 +62,17 @@ import time
 from collections import deque
 from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from salience_server.cost import Cost, explain_cost, predict_cost
 from salience_server.errors import (
     DeadlineExceeded,
-    ResourceExhausted,
+    InvalidArgument,
+    QueueFull,
     Unavailable,
     deadline_passed,
 )
@@ -68,6 +88,11 @@ log = logging.getLogger(__name__)
 
 PREDICT = "predict"
 EXPLAIN = "explain"
+
+# Lanes, by index; their names label metrics.
+LIGHT = 0
+HEAVY = 1
+LANES = ("light", "heavy")
 
 Key = tuple[Hashable, ...]
 """What must be equal for two requests to share a device call."""
@@ -98,11 +123,14 @@ class _Job:
         "failed",
         "future",
         "gone",
+        "heavy_mark",
         "inputs",
         "key",
         "kind",
+        "lane",
         "parts",
         "plan",
+        "row_cost",
         "rows",
         "taken",
     )
@@ -116,8 +144,13 @@ class _Job:
         deadline: float | None,
         future: asyncio.Future[Any],
         now: float,
+        lane: int = LIGHT,
+        row_cost: int = 1,
     ) -> None:
         self.kind = kind
+        self.lane = lane
+        self.row_cost = row_cost  # the cost of each of its rows
+        self.heavy_mark = 0  # heavy calls dispatched before it queued
         self.key = key
         self.inputs = inputs
         self.plan = plan
@@ -146,6 +179,7 @@ class _Batch:
     pieces: list[_Piece]
     rows: int  # real samples
     size: int  # padded to a bucket
+    lane: int = LIGHT
 
 
 @dataclass
@@ -157,6 +191,11 @@ class BatchStats:
     padding: int = 0
     pieces: int = 0  # request slices; a split request counts once per call
     max_requests_per_call: int = 0
+    lane_calls: list[int] = field(default_factory=lambda: [0, 0])  # by lane
+    # The most heavy calls dispatched between a light request's queueing and its
+    # own call: 0 while the light lane is within its share (light goes first).
+    max_heavy_calls_before_light: int = 0
+    room_waits: int = 0  # times a caller (a stream) waited for room in a full queue
 
 
 class Batcher:
@@ -185,9 +224,21 @@ class Batcher:
             thread_name_prefix=f"salience-device-{model}-{runtime.version}",
             initializer=runtime.enter_device,
         )
-        self._pending: deque[_Job] = deque()
+        self._lanes: tuple[deque[_Job], deque[_Job]] = (deque(), deque())
         self._queued = 0  # samples waiting, not yet handed to the device
         self._queued_by_key: dict[Key, int] = {}
+        self._row_cost_by_key: dict[Key, int] = {}
+        self._lane_rows = [0, 0]
+        self._lane_cost = [0, 0]
+        # Weighted fair queueing: each lane's dispatched cost over its weight, exact
+        # (rational), so that equal shares tie exactly and ties go to the light lane.
+        heavy = Fraction(config.heavy_share).limit_denominator(1000)
+        self._weights = (1 - heavy, heavy)
+        self._served = [Fraction(0), Fraction(0)]
+        self._heavy_calls = 0
+        self._room: asyncio.Future[None] | None = None  # settled when rows leave
+        self._queue_cost = tuple(metrics.queue_cost.labels(model, lane) for lane in LANES)
+        self._cost_admitted = tuple(metrics.cost_admitted.labels(model, lane) for lane in LANES)
         self._busy = False
         self._flush_mark = -math.inf  # jobs queued at or before it go without waiting
         self._closing = False
@@ -202,28 +253,87 @@ class Batcher:
         """Samples waiting for the device."""
         return self._queued
 
-    def admit(self, rows: int, deadline: float | None) -> None:
-        """Refuses at once what cannot be queued: shutting down, expired, or no room."""
+    def _fits(self, lane: int, rows: int, cost: int) -> bool:
+        config = self.config
+        return (
+            self._lane_rows[lane] + rows <= config.max_queue_size
+            and self._lane_cost[lane] + cost <= config.max_queue_cost
+        )
+
+    def has_room(self, rows: int = 1, cost: int = 0, lane: int | None = None) -> bool:
+        """Whether a request of `rows` and `cost` fits its lane's queue now (any
+        lane's when `lane` is None).
+        """
+        lanes = (LIGHT, HEAVY) if lane is None else (lane,)
+        return any(self._fits(k, rows, cost) for k in lanes)
+
+    async def wait_for_room(self, rows: int = 1, cost: int = 0, lane: int | None = None) -> None:
+        """Returns once `has_room`, or once the model shuts down (its admission then
+        refuses with UNAVAILABLE): how a stream waits instead of failing.
+        """
+        while not self._closing and not self.has_room(rows, cost, lane):
+            await self.left()
+
+    async def left(self) -> None:
+        """Returns once samples next leave the queue (or at once when shutting down)."""
+        if self._closing:
+            return
+        self.stats.room_waits += 1
+        if self._room is None or self._room.done():
+            self._room = asyncio.get_running_loop().create_future()
+        # Shielded: one waiter going away must not cancel the others' wake-up.
+        await asyncio.shield(self._room)
+
+    def admit(
+        self, rows: int, deadline: float | None, cost: int = 0, lane: int | None = None
+    ) -> None:
+        """Refuses at once what cannot be queued: shutting down, expired, or no room
+        (in `lane`, or in either lane when it is not known yet).
+        """
         name = self.runtime.name
         if self._closing:
             raise Unavailable(f"model {name!r} is shutting down: retry on another server")
         if deadline is not None and time.monotonic() >= deadline:
             self._metrics.refused.labels(name, "deadline_exceeded").inc()
             raise DeadlineExceeded(f"the deadline passed before model {name!r} could queue it")
-        if self._queued + rows > self.config.max_queue_size:
-            self._metrics.refused.labels(name, "queue_full").inc()
-            raise ResourceExhausted(
-                f"model {name!r} is at capacity: {self._queued} samples are queued and "
-                f"this request's {rows} would pass its max_queue_size="
-                f"{self.config.max_queue_size}; retry after a back-off"
+        config = self.config
+        if cost > config.max_queue_cost:
+            self._metrics.cost_refused.labels(name, "over_cap").inc(cost)
+            raise InvalidArgument(
+                f"the request costs {cost} element-evaluations, over model {name!r}'s "
+                f"max_queue_cost={config.max_queue_cost}: it would never fit in the queue; "
+                "send fewer rows, fewer samples or steps, or a smaller input"
             )
+        if self.has_room(rows, cost, lane):
+            return
+        self._metrics.refused.labels(name, "queue_full").inc()
+        if cost:
+            self._metrics.cost_refused.labels(name, "queue_full").inc(cost)
+        if lane is None:
+            lane = min((LIGHT, HEAVY), key=lambda k: self._lane_rows[k])
+        queued = self._lane_rows[lane]
+        where = " in its heavy lane" if lane == HEAVY else ""
+        if queued + rows > config.max_queue_size:
+            raise QueueFull(
+                f"model {name!r} is at capacity: {queued} samples are queued{where} and "
+                f"this request's {rows} would pass its max_queue_size="
+                f"{config.max_queue_size}; retry after a back-off"
+            )
+        raise QueueFull(
+            f"model {name!r} is at capacity: {self._lane_cost[lane]} element-evaluations "
+            f"are queued{where} and this request's {cost} would pass its max_queue_cost="
+            f"{config.max_queue_cost}; retry after a back-off"
+        )
 
     async def predict(
         self, inputs: Sequence[np.ndarray], deadline: float | None = None
     ) -> list[np.ndarray]:
         """The model's outputs for checked inputs, computed in a shared device call."""
-        key: Key = (PREDICT, _signature(inputs))
-        result: list[np.ndarray] = await self._submit(PREDICT, key, inputs, None, deadline)
+        cost = predict_cost(inputs)
+        key: Key = (PREDICT, LIGHT, _signature(inputs))
+        result: list[np.ndarray] = await self._submit(
+            PREDICT, key, inputs, None, deadline, cost, LIGHT
+        )
         return result
 
     async def explain(
@@ -231,15 +341,18 @@ class Batcher:
     ) -> ExplainResult:
         """A planned explanation, computed in a device call shared with equal graphs."""
         params = sorted(plan.params.items())
+        cost = explain_cost(inputs, plan)
+        lane = LIGHT if cost.total <= self.config.light_request_cost else HEAVY
         key: Key = (
             EXPLAIN,
+            lane,
             plan.graph,
             plan.share,
             _signature(inputs),
             tuple(k for k, _ in params),
             _signature([v for _, v in params]),
         )
-        result: ExplainResult = await self._submit(EXPLAIN, key, inputs, plan, deadline)
+        result: ExplainResult = await self._submit(EXPLAIN, key, inputs, plan, deadline, cost, lane)
         return result
 
     async def _submit(
@@ -249,15 +362,28 @@ class Batcher:
         inputs: Sequence[np.ndarray],
         plan: Plan | None,
         deadline: float | None,
+        cost: Cost,
+        lane: int,
     ) -> Any:
         rows = len(inputs[0])
-        self.admit(rows, deadline)
+        self.admit(rows, deadline, cost.total, lane)
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        job = _Job(kind, key, inputs, plan, deadline, loop.create_future(), now)
+        job = _Job(kind, key, inputs, plan, deadline, loop.create_future(), now, lane, cost.per_row)
+        job.heavy_mark = self._heavy_calls
         job.future.add_done_callback(lambda future: self._settled(job, future))
-        self._pending.append(job)
-        self._count(key, rows)
+        if not self._lane_rows[lane]:
+            # A lane with nothing queued starts level with the other: no credit for
+            # the time it was idle (or all level when both were).
+            other = HEAVY - lane
+            if self._lane_rows[other]:
+                self._served[lane] = max(self._served[lane], self._served[other])
+            else:
+                self._served = [max(self._served)] * 2
+        self._lanes[lane].append(job)
+        self._row_cost_by_key[key] = cost.per_row
+        self._count(job, rows)
+        self._cost_admitted[lane].inc(cost.total)
         if self._task is None:
             self._loop = loop
             self._task = loop.create_task(self._run(), name=f"batcher-{self.runtime.name}")
@@ -279,18 +405,26 @@ class Batcher:
                 f"{self.runtime.name!r} ({time.monotonic() - now:.3f} s after it queued)"
             ) from None
 
-    def _count(self, key: Key, rows: int) -> None:
-        """Adds (or with negative rows removes) queued samples of one key."""
+    def _count(self, job: _Job, rows: int) -> None:
+        """Adds (or with negative rows removes) queued samples of one job."""
+        key = job.key
         self._queued += rows
         left = self._queued_by_key.get(key, 0) + rows
         if left:
             self._queued_by_key[key] = left
         else:
             del self._queued_by_key[key]
+            self._row_cost_by_key.pop(key, None)
+        cost = rows * job.row_cost
+        self._lane_rows[job.lane] += rows
+        self._lane_cost[job.lane] += cost
+        self._queue_cost[job.lane].inc(cost)
         if rows > 0:
             self._depth.inc(rows)
         else:
             self._depth.dec(-rows)
+            if self._room is not None and not self._room.done():
+                self._room.set_result(None)
 
     def _settled(self, job: _Job, future: asyncio.Future[Any]) -> None:
         """A cancelled future (caller gone or deadline passed) gives up its queued rows."""
@@ -307,7 +441,7 @@ class Batcher:
         job.gone = True
         left = job.rows - job.taken
         if left > 0:
-            self._count(job.key, -left)
+            self._count(job, -left)
             if reason is not None:
                 self._metrics.refused.labels(self.runtime.name, reason).inc()
             self._wakeup.set()
@@ -342,7 +476,7 @@ class Batcher:
                     self._fail(step, err)
                 self._fail_pending()
                 continue
-            if self._closing and not self._pending and not self._busy:
+            if self._closing and not any(self._lanes) and not self._busy:
                 return
             if step is None:
                 await self._wakeup.wait()
@@ -353,12 +487,9 @@ class Batcher:
                 finally:
                     timer.cancel()
 
-    def _next(self) -> _Batch | float | None:
-        """The batch to send now, or how long to wait for one (None: until woken)."""
-        if self._busy:
-            return None
-        pending = self._pending
-        now = time.monotonic()
+    def _head(self, lane: int, now: float) -> _Job | None:
+        """The oldest live job of a lane, after dropping finished and expired ones."""
+        pending = self._lanes[lane]
         while pending:
             head = pending[0]
             if head.gone or head.taken >= head.rows:
@@ -367,34 +498,65 @@ class Batcher:
                 pending.popleft()
                 self._expire(head)
             else:
-                break
-        else:
+                return head
+        return None
+
+    def _next(self) -> _Batch | float | None:
+        """The batch to send now, or how long to wait for one (None: until woken).
+
+        The lane owed most goes first (the least dispatched cost for its weight;
+        ties to the light lane); when its oldest request waits for company, the
+        other lane's ready batch may go meanwhile.
+        """
+        if self._busy:
             return None
+        now = time.monotonic()
+        heads = [(lane, head) for lane in (LIGHT, HEAVY) if (head := self._head(lane, now))]
+        heads.sort(key=lambda item: (self._served[item[0]], item[0]))
+        wait: float | None = None
+        for lane, head in heads:
+            step = self._ready(lane, head, now)
+            if isinstance(step, _Batch):
+                return step
+            if step is not None:
+                wait = step if wait is None else min(wait, step)
+        return wait
+
+    def _call_rows(self, key: Key) -> int:
+        """Most rows of one key a device call takes: `max_device_batch_size`, fewer
+        where its rows cost more than `max_call_cost` together (at least one).
+        """
+        row_cost = self._row_cost_by_key.get(key, 1)
+        return max(1, min(self.config.max_device_batch_size, self.config.max_call_cost // row_cost))
+
+    def _ready(self, lane: int, head: _Job, now: float) -> _Batch | float | None:
+        """A lane's batch to send now, or how long its oldest request may still wait."""
         config = self.config
         if not config.enabled:
             return self._take(head.key, only=head)
         close_at = head.enqueued_at + config.max_queue_delay
         if (
-            self._queued_by_key[head.key] >= config.max_device_batch_size
+            self._queued_by_key[head.key] >= self._call_rows(head.key)
             or now >= close_at
             or head.enqueued_at <= self._flush_mark
         ):
             return self._take(head.key)
         for key, rows in self._queued_by_key.items():
-            if rows >= config.max_device_batch_size:
+            if _lane_of(key) == lane and rows >= self._call_rows(key):
                 return self._take(key)
         return close_at - now
 
     def _take(self, key: Key, only: _Job | None = None) -> _Batch | None:
         """Takes the oldest rows of one key (of one job when batching is off)."""
         queued = only.rows - only.taken if only is not None else self._queued_by_key[key]
-        limit = self.config.take(queued)
+        limit = self.config.take(min(queued, self._call_rows(key)))
         now = time.monotonic()
         pieces: list[_Piece] = []
         rows = 0
         kind = PREDICT
         keep: deque[_Job] = deque()
-        for job in self._pending:
+        lane = only.lane if only is not None else _lane_of(key)
+        for job in self._lanes[lane]:
             if job.gone or job.taken >= job.rows:
                 continue
             if rows < limit and (job is only if only is not None else job.key == key):
@@ -408,13 +570,16 @@ class Batcher:
                 job.taken += n
                 rows += n
                 kind = job.kind
-                self._count(key, -n)
+                self._count(job, -n)
             if job.taken < job.rows:
                 keep.append(job)
-        self._pending = keep
+        if lane == LIGHT:
+            self._lanes = (keep, self._lanes[HEAVY])
+        else:
+            self._lanes = (self._lanes[LIGHT], keep)
         if not pieces:
             return None
-        return _Batch(kind, pieces, rows, self.config.bucket(rows))
+        return _Batch(kind, pieces, rows, self.config.bucket(rows), lane)
 
     def _dispatch(self, batch: _Batch) -> None:
         self._busy = True
@@ -425,6 +590,19 @@ class Batcher:
         stats.padding += batch.size - batch.rows
         stats.pieces += len(batch.pieces)
         stats.max_requests_per_call = max(stats.max_requests_per_call, requests)
+        lane = batch.lane
+        stats.lane_calls[lane] += 1
+        # Charged when it goes, in the cost it makes the device do (padding included).
+        self._served[lane] += batch.size * batch.pieces[0].job.row_cost / self._weights[lane]
+        if lane == HEAVY:
+            self._heavy_calls += 1
+        else:
+            for piece in batch.pieces:
+                if piece.start == 0:
+                    passed = self._heavy_calls - piece.job.heavy_mark
+                    stats.max_heavy_calls_before_light = max(
+                        stats.max_heavy_calls_before_light, passed
+                    )
         self._batch_size.observe(batch.rows)
         self._batch_requests.observe(requests)
         samples = self._samples.get(batch.kind)
@@ -465,12 +643,13 @@ class Batcher:
 
     def _fail_pending(self) -> None:
         error = Unavailable(f"model {self.runtime.name!r} could not batch the request: retry")
-        for job in self._pending:
-            if not job.gone:
-                self._drop(job, None)
-                if not job.future.done():
-                    job.future.set_exception(error)
-        self._pending.clear()
+        for pending in self._lanes:
+            for job in pending:
+                if not job.gone:
+                    self._drop(job, None)
+                    if not job.future.done():
+                        job.future.set_exception(error)
+            pending.clear()
 
     # On the device thread -------------------------------------------------------
 
@@ -519,7 +698,7 @@ class Batcher:
                 retried: list[tuple[_Job, Any, Any]] = []
                 for p in live:
                     rows = p.stop - p.start
-                    alone = _Batch(batch.kind, [p], rows, self.config.bucket(rows))
+                    alone = _Batch(batch.kind, [p], rows, self.config.bucket(rows), batch.lane)
                     retried += self._compute(alone)
                 return retried
             log.debug("model %s: a device call failed", runtime.name, exc_info=True)
@@ -635,6 +814,8 @@ class Batcher:
         self._closing = True
         self._flush_mark = math.inf
         self._wakeup.set()
+        if self._room is not None and not self._room.done():
+            self._room.set_result(None)  # waiters for room find it shutting down
 
     async def aclose(self) -> None:
         """Drains the queue, waits for the last device call, then ends the thread."""
@@ -642,6 +823,13 @@ class Batcher:
         if self._task is not None:
             await self._task
         await asyncio.to_thread(self._device.shutdown, True)
+
+
+def _lane_of(key: Key) -> int:
+    """The lane of a key's requests (its second item)."""
+    lane = key[1]
+    assert isinstance(lane, int)
+    return lane
 
 
 def _plan_of(job: _Job) -> Plan:

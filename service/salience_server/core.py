@@ -23,9 +23,9 @@ from typing import TypeVar
 
 import numpy as np
 
-from salience_server import checks
+from salience_server import checks, cost
 from salience_server.batching import Batcher
-from salience_server.errors import NotFound, Unavailable, allowed
+from salience_server.errors import InvalidArgument, NotFound, Unavailable, allowed
 from salience_server.explain.options import ExplainOptions, ExplainResult
 from salience_server.metrics import Metrics
 from salience_server.repository import ModelRepository
@@ -204,6 +204,27 @@ class InferenceCore:
         """
         return min(_rows(arrays), runtime.config.limits.batch_size(self.settings.max_batch_size))
 
+    def _check_cost(self, runtime: ModelDevice, estimate: cost.Cost, what: str) -> None:
+        """Refuses at once a request over its model's caps in cost or map bytes."""
+        limits = runtime.config.limits.cost(self.settings.cost_limits)
+        try:
+            cost.check(estimate, limits, what)
+        except InvalidArgument:
+            self.metrics.cost_refused.labels(runtime.name, "over_cap").inc(estimate.total)
+            raise
+
+    async def wait_for_room(self, name: str, version: int, rows: int = 1) -> None:
+        """Returns once the model's queue has room for `rows` samples in a lane (or it
+        is shutting down): a stream waits here before it reads its next frame.
+        """
+        await self.batcher(self.runtime(name, version)).wait_for_room(rows)
+
+    async def queue_changed(self, name: str, version: int) -> None:
+        """Returns once samples next leave the model's queue (or it is shutting down):
+        a request refused for a full queue may be tried again then.
+        """
+        await self.batcher(self.runtime(name, version)).left()
+
     async def _on_host(self, work: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._host, work)
 
@@ -230,6 +251,7 @@ class InferenceCore:
             batcher.admit(self._claimed(runtime, arrays), deadline)
             # numpy checks, on the loop: a thread hop costs more than they do.
             inputs = self._check_inputs(runtime, arrays)
+            self._check_cost(runtime, cost.predict_cost(inputs), "Predict")
             return runtime, await batcher.predict(inputs, deadline)
 
     async def explain(
@@ -253,6 +275,8 @@ class InferenceCore:
             plan = runtime.cached_plan(options, rows)
             if plan is None:
                 plan = await self._on_host(lambda: runtime.plan(options, rows))
+            # Before it queues: the plan knows its evaluations per row.
+            self._check_cost(runtime, cost.explain_cost(inputs, plan), plan.resolved.method)
             return runtime, await batcher.explain(inputs, plan, deadline)
 
     def drain(self) -> None:

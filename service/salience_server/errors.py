@@ -62,6 +62,12 @@ class ResourceExhausted(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class QueueFull(ResourceExhausted):
+    """A model's queue has no room for the request now: it fits once others leave
+    (a stream waits for that instead of failing).
+    """
+
+
 class DeadlineExceeded(ServiceError):
     """The caller's deadline passed before the work was done."""
 

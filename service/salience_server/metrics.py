@@ -149,6 +149,29 @@ class Metrics:
             ["model"],
             registry=registry,
         )
+        # In the cost model's unit (salience_server.cost): what requests asked the
+        # device to do, admitted to a lane's queue or refused before any work.
+        self.cost_admitted = Counter(
+            "salience_request_cost_admitted",
+            "Element-evaluations (rows x evaluations x input elements) of requests "
+            "admitted to a model's queue, by lane (light: Predicts and cheap explanations)",
+            ["model", "lane"],
+            registry=registry,
+        )
+        self.cost_refused = Counter(
+            "salience_request_cost_refused",
+            "Element-evaluations of requests refused before any device work: over_cap "
+            "(over max_request_cost or max_map_bytes, INVALID_ARGUMENT) or queue_full "
+            "(RESOURCE_EXHAUSTED)",
+            ["model", "reason"],
+            registry=registry,
+        )
+        self.queue_cost = Gauge(
+            "salience_queue_cost",
+            "Element-evaluations waiting in a model's queue for the device, by lane",
+            ["model", "lane"],
+            registry=registry,
+        )
         self.refused = Counter(
             "salience_requests_refused",
             "Requests that never reached the device: queue_full (refused at once), "

@@ -18,6 +18,9 @@ optional. A full example (the README documents each key):
     max_queue_delay_ms = 2.0
     batch_buckets = [1, 4, 16]
     max_queue_size = 128
+    max_queue_cost = 268435456       # element-evaluations (salience_server.cost)
+    max_call_cost = 16777216
+    light_request_cost = 16777216
 
     [explain]                        # defaults for options a request leaves unset
     method = "smoothgrad"
@@ -33,6 +36,8 @@ optional. A full example (the README documents each key):
     max_objectives = 4
     max_samples = 64
     max_steps = 256
+    max_request_cost = 67108864      # element-evaluations (salience_server.cost)
+    max_map_bytes = 67108864
 
     [preprocess]                     # applied inside the model's compiled functions
     input = "image"                  # which input (default: the only one)
@@ -70,6 +75,7 @@ from typing import Any
 
 import numpy as np
 
+from salience_server.cost import CostLimits
 from salience_server.errors import allowed
 from salience_server.explain.options import (
     DEFAULT_SAMPLES,
@@ -155,6 +161,9 @@ class BatchingOverrides:
     max_queue_delay_ms: float | None = None
     batch_buckets: tuple[int, ...] | None = None
     max_queue_size: int | None = None
+    max_queue_cost: int | None = None
+    max_call_cost: int | None = None
+    light_request_cost: int | None = None
 
     def apply(self, base: BatchingConfig) -> BatchingConfig:
         """The model's batching: `base` (the server's) with these overrides.
@@ -179,6 +188,14 @@ class BatchingOverrides:
             max_queue_size=base.max_queue_size
             if self.max_queue_size is None
             else self.max_queue_size,
+            max_queue_cost=base.max_queue_cost
+            if self.max_queue_cost is None
+            else self.max_queue_cost,
+            max_call_cost=base.max_call_cost if self.max_call_cost is None else self.max_call_cost,
+            light_request_cost=base.light_request_cost
+            if self.light_request_cost is None
+            else self.light_request_cost,
+            heavy_share=base.heavy_share,
         )
 
 
@@ -226,6 +243,21 @@ class ModelLimits:
     max_objectives: int | None = None
     max_samples: int | None = None
     max_steps: int | None = None
+    max_request_cost: int | None = None
+    max_map_bytes: int | None = None
+
+    def cost(self, server: CostLimits) -> CostLimits:
+        """The server's caps in cost and map bytes, lowered by this model's."""
+        lowered = {
+            name: own
+            for name in ("max_request_cost", "max_map_bytes")
+            if (own := getattr(self, name)) is not None and own < getattr(server, name)
+        }
+        if not lowered:
+            return server
+        return dataclasses.replace(
+            server, **lowered, model_caps=server.model_caps | frozenset(lowered)
+        )
 
     def batch_size(self, server: int) -> int:
         """The largest batch one request to this model may carry."""
@@ -488,6 +520,9 @@ def _batching(top: _Table) -> BatchingOverrides:
             "max_queue_delay_ms",
             "batch_buckets",
             "max_queue_size",
+            "max_queue_cost",
+            "max_call_cost",
+            "light_request_cost",
         ),
     )
     overrides = BatchingOverrides(
@@ -496,6 +531,9 @@ def _batching(top: _Table) -> BatchingOverrides:
         max_queue_delay_ms=table.number("max_queue_delay_ms", 0.0, MAX_QUEUE_DELAY_MS),
         batch_buckets=table.integers("batch_buckets"),
         max_queue_size=table.integer("max_queue_size"),
+        max_queue_cost=table.integer("max_queue_cost"),
+        max_call_cost=table.integer("max_call_cost"),
+        light_request_cost=table.integer("light_request_cost"),
     )
     table.finish()
     size = overrides.max_device_batch_size
@@ -538,12 +576,24 @@ def _explain(top: _Table) -> ExplainDefaults:
 
 
 def _limits(top: _Table) -> ModelLimits:
-    table = top.table("limits", ("max_batch_size", "max_objectives", "max_samples", "max_steps"))
+    table = top.table(
+        "limits",
+        (
+            "max_batch_size",
+            "max_objectives",
+            "max_samples",
+            "max_steps",
+            "max_request_cost",
+            "max_map_bytes",
+        ),
+    )
     limits = ModelLimits(
         max_batch_size=table.integer("max_batch_size"),
         max_objectives=table.integer("max_objectives"),
         max_samples=table.integer("max_samples"),
         max_steps=table.integer("max_steps"),
+        max_request_cost=table.integer("max_request_cost"),
+        max_map_bytes=table.integer("max_map_bytes"),
     )
     table.finish()
     return limits
@@ -755,6 +805,13 @@ def _check_consistent(config: ModelConfig) -> None:
         raise ModelConfigError(
             f"batching.max_queue_size={queue} is below limits.max_batch_size={largest}: the "
             "largest request would never fit in the queue"
+        )
+    queue_cost = config.batching.max_queue_cost
+    costliest = config.limits.max_request_cost
+    if queue_cost is not None and costliest is not None and queue_cost < costliest:
+        raise ModelConfigError(
+            f"batching.max_queue_cost={queue_cost} is below limits.max_request_cost="
+            f"{costliest}: the costliest request would never fit in the queue"
         )
 
 

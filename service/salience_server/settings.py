@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from salience_server.cost import CostLimits
 from salience_server.explain.options import Limits
 
 ENV_PREFIX = "SALIENCE_"
@@ -50,8 +51,17 @@ class BatchingConfig:
     max_queue_delay: float = 0.0
     # Sizes a device call is padded up to; sorted, the largest is max_device_batch_size.
     buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    # Samples that may wait per model before requests are refused.
+    # Samples that may wait per model and lane before requests are refused.
     max_queue_size: int = 256
+    # Cost (element-evaluations, `salience_server.cost`) that may wait per model and lane.
+    max_queue_cost: int = 2**30
+    # Most cost of one device call: a heavier request's rows are split over calls
+    # (at least one row a call), so light work never waits behind more than this.
+    max_call_cost: int = 2**25
+    # Explanations costing at most this ride the light lane (Predicts always do).
+    light_request_cost: int = 2**25
+    # The heavy lane's share of the device's cost while both lanes have work waiting.
+    heavy_share: float = 0.25
 
     def bucket(self, rows: int) -> int:
         """The padded size of a device call of `rows` samples."""
@@ -257,6 +267,23 @@ class Settings:
             "explanation may ask for"
         ),
     )
+    max_request_cost: int = field(
+        default=2**28,
+        metadata=_doc(
+            "Most device work one request may ask for, in element-evaluations: rows x "
+            "evaluations per row (1 for Predict, samples for SmoothGrad, steps + 1 for "
+            "Integrated Gradients) x input elements per row; a request over it is refused "
+            "at once with INVALID_ARGUMENT (docs/bad-input.md)"
+        ),
+    )
+    max_map_bytes: int = field(
+        default=256 * MIB,
+        metadata=_doc(
+            "Most bytes of maps one explanation may return (rows x elements of the "
+            "explained input x grad modifiers x bytes of output_dtype); over it is refused "
+            "at once with INVALID_ARGUMENT"
+        ),
+    )
     worker_threads: int = field(
         default=2,
         metadata=_doc(
@@ -296,8 +323,38 @@ class Settings:
     max_queue_size: int = field(
         default=256,
         metadata=_doc(
-            "Most samples waiting for the device per model; a request that does not fit "
-            "is refused at once with RESOURCE_EXHAUSTED (at least max_batch_size)"
+            "Most samples waiting for the device per model and lane; a request that does "
+            "not fit is refused at once with RESOURCE_EXHAUSTED (at least max_batch_size)"
+        ),
+    )
+    max_queue_cost: int = field(
+        default=2**30,
+        metadata=_doc(
+            "Most cost (element-evaluations, as max_request_cost) waiting for the device "
+            "per model and lane; a request that does not fit is refused at once with "
+            "RESOURCE_EXHAUSTED (at least max_request_cost)"
+        ),
+    )
+    max_call_cost: int = field(
+        default=2**25,
+        metadata=_doc(
+            "Most cost of one device call: the rows of a heavier request are split over "
+            "several calls (at least one row each), between which lighter work goes first"
+        ),
+    )
+    light_request_cost: int = field(
+        default=2**25,
+        metadata=_doc(
+            "Explanations costing at most this are queued in the light lane with every "
+            "Predict; heavier ones in the heavy lane, which gets heavy_lane_share of the "
+            "device while both lanes wait"
+        ),
+    )
+    heavy_lane_share: float = field(
+        default=0.25,
+        metadata=_doc(
+            "The heavy lane's share of the device's cost while both lanes have work "
+            "waiting (weighted fair queueing by cost), above 0 and below 1"
         ),
     )
     device: str = field(
@@ -361,7 +418,16 @@ class Settings:
             max_queue_delay=self.max_queue_delay_ms / 1000.0,
             buckets=tuple(sorted({*buckets, self.max_device_batch_size})),
             max_queue_size=self.max_queue_size,
+            max_queue_cost=self.max_queue_cost,
+            max_call_cost=self.max_call_cost,
+            light_request_cost=self.light_request_cost,
+            heavy_share=self.heavy_lane_share,
         )
+
+    @property
+    def cost_limits(self) -> CostLimits:
+        """The per-request caps in cost and map bytes."""
+        return CostLimits(max_request_cost=self.max_request_cost, max_map_bytes=self.max_map_bytes)
 
     @property
     def limits(self) -> Limits:
@@ -460,6 +526,11 @@ class Settings:
             "max_windows",
             "worker_threads",
             "max_device_batch_size",
+            "max_request_cost",
+            "max_map_bytes",
+            "max_queue_cost",
+            "max_call_cost",
+            "light_request_cost",
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name}={getattr(self, name)} must be at least 1")
@@ -477,6 +548,16 @@ class Settings:
             raise SettingsError(
                 f"max_queue_size={self.max_queue_size} is below max_batch_size="
                 f"{self.max_batch_size}: the largest request would never fit in the queue"
+            )
+        if self.max_queue_cost < self.max_request_cost:
+            raise SettingsError(
+                f"max_queue_cost={self.max_queue_cost} is below max_request_cost="
+                f"{self.max_request_cost}: the costliest request would never fit in the queue"
+            )
+        if not 0 < self.heavy_lane_share < 1:
+            raise SettingsError(
+                f"heavy_lane_share={self.heavy_lane_share} is out of range: use more than 0 "
+                "and less than 1"
             )
         if not DEVICE_SETTING.match(self.device.strip().lower()):
             raise SettingsError(

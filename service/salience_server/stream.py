@@ -13,6 +13,12 @@ held back by gRPC flow control, and a slow reader of the answers slows the
 stream down the same way (an answer that cannot be sent keeps its frame in
 flight).
 
+When the model is busy the stream slows down instead of failing: the reader
+takes no message while the model's queue is full (`InferenceCore.wait_for_room`),
+and a frame refused for a full queue (RESOURCE_EXHAUSTED, the queue filled by
+other callers meanwhile) waits for room and is queued again, until the stream's
+deadline. Other failures end the stream as below.
+
 Every frame counts: one with an empty batch is refused at once (INVALID_ARGUMENT
 naming it), since it would take no room in the window and a stream of them would
 be read without bound.
@@ -29,14 +35,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import Any
 
 from salience.v1 import salience_pb2 as pb
 from salience_server import convert
 from salience_server.core import InferenceCore
-from salience_server.errors import InvalidArgument, ServiceError, label_call
+from salience_server.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    QueueFull,
+    ServiceError,
+    label_call,
+)
 from salience_server.explain import catalog
 from salience_server.explain.options import VANILLA, ExplainOptions
 from salience_server.seam import ModelDevice
@@ -165,10 +178,31 @@ class _Stream:
         return True
 
     async def _explain(self, arrays: dict[str, Any]) -> pb.ExplainResponse:
-        runtime, result = await self.core.explain(
-            self.name, self.version, arrays, self.options, self.deadline
-        )
-        return convert.explain_response(runtime, result)
+        while True:
+            try:
+                runtime, result = await self.core.explain(
+                    self.name, self.version, arrays, self.options, self.deadline
+                )
+            except QueueFull:
+                # Busy, not wrong: try again once samples have left the queue (the
+                # deadline still bounds the stream).
+                await self._within_deadline(self.core.queue_changed(self.name, self.version))
+                continue
+            return convert.explain_response(runtime, result)
+
+    async def _within_deadline(self, wait: Awaitable[None]) -> None:
+        """Waits for room in the model's queue, within the stream's deadline."""
+        if self.deadline is None:
+            await wait
+            return
+        try:
+            async with asyncio.timeout(self.deadline - time.monotonic()):
+                await wait
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"the deadline passed while the stream waited for room in model "
+                f"{self.name!r}'s queue"
+            ) from None
 
     async def read(self, requests: AsyncIterator[pb.ExplainStreamRequest], index: int) -> None:
         """The reader task: the next message only while the window has room."""
@@ -177,6 +211,11 @@ class _Stream:
                 while self.in_flight >= self.window:
                     self.changed.clear()
                     await self.changed.wait()
+                # Nothing more is read while the model has no room for it.
+                with contextlib.suppress(ServiceError):
+                    # Gone, shutting down or past the deadline: the frame read next
+                    # fails with it, naming itself.
+                    await self._within_deadline(self.core.wait_for_room(self.name, self.version))
                 request = await anext(requests, None)
                 if request is None:
                     return

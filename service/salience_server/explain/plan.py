@@ -14,6 +14,10 @@ import numpy as np
 
 from salience_server.explain.options import ResolvedExplanation
 
+# The per-sample param holding a request's count of copies (SmoothGrad's samples,
+# Integrated Gradients' steps + 1 points; `methods.copies`): the cost model reads it.
+COPIES = "copies"
+
 
 @dataclass(frozen=True)
 class Target:

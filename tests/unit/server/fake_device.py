@@ -50,6 +50,9 @@ class SumDevice:
         self.calls: list[tuple[str, int]] = []  # (kind, rows) of every device call
         self.planned = 0  # plans made (not answered from the cache)
         self.threads: set[str] = set()  # threads the device calls ran on
+        # Set to a cleared event, every device call waits for it (after it is recorded):
+        # tests hold the device busy while they queue work behind the call.
+        self.gate: threading.Event | None = None
         self._plans: dict[tuple[ExplainOptions, int], Plan] = {}
 
     # Metadata ---------------------------------------------------------------
@@ -107,6 +110,8 @@ class SumDevice:
     def _call(self, kind: str, x: np.ndarray) -> None:
         self.threads.add(threading.current_thread().name)
         self.calls.append((kind, len(x)))
+        if self.gate is not None:
+            self.gate.wait()
         if (x[:, 0] == POISON).any():
             raise InvalidArgument(f"inputs do not fit model {self.name!r}: a poisoned sample")
 

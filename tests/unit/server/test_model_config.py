@@ -198,6 +198,13 @@ BAD = [
      "below the default steps, explain.steps=20"),
     ("[limits]\nmax_batch_size = 8\n[batching]\nmax_queue_size = 4", "config.toml: "
      "batching.max_queue_size=4 is below limits.max_batch_size=8"),
+    ("[limits]\nmax_request_cost = 800\n[batching]\nmax_queue_cost = 400", "config.toml: "
+     "batching.max_queue_cost=400 is below limits.max_request_cost=800: the costliest request "
+     "would never fit in the queue"),
+    ("[limits]\nmax_map_bytes = 0", "config.toml: limits.max_map_bytes=0 is not allowed: use an "
+     "integer of at least 1"),
+    ("[batching]\nmax_call_cost = -1", "config.toml: batching.max_call_cost=-1 is not allowed: "
+     "use an integer of at least 1"),
     ("[preprocess]\nchannel_order = 'grb'", "config.toml: preprocess.channel_order='grb' is not "
      "allowed: use one of 'rgb', 'bgr'"),
     ("[preprocess]\nresize = 'nearest'", "config.toml: preprocess.resize='nearest' is not "
@@ -340,5 +347,10 @@ def test_the_readme_example_is_a_valid_configuration(tmp_path: Path) -> None:
     assert config.labels == ("a", "b")
     assert config.version_policy == VersionPolicy("latest", 1, ())
     assert config.explain.method == "smoothgrad"
-    assert config.limits == ModelLimits(16, 4, 64, 256)
+    assert config.limits == ModelLimits(16, 4, 64, 256, 2**26, 2**26)
+    assert config.batching.max_queue_cost == 2**28
+    assert config.batching.max_call_cost == config.batching.light_request_cost == 2**24
+    applied = config.batching.apply(BatchingConfig())
+    assert (applied.max_queue_cost, applied.max_call_cost) == (2**28, 2**24)
+    assert applied.light_request_cost == 2**24
     assert config.preprocess.offset == (-0.485, -0.456, -0.406)

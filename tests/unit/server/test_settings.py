@@ -47,6 +47,14 @@ def test_flag_wins_over_environment_which_wins_over_default(tmp_path: Path) -> N
         (["--max-message-bytes", "1000"], {}, "max_message_bytes=1000 is too small"),
         (["--log-level", "LOUD"], {}, "log_level='LOUD' is not one of"),
         (["--metrics-port", "-2"], {}, "metrics_port=-2 is out of range"),
+        (["--max-request-cost", "0"], {}, "max_request_cost=0 must be at least 1"),
+        (
+            ["--max-queue-cost", "100", "--max-request-cost", "200"],
+            {},
+            "max_queue_cost=100 is below max_request_cost=200: the costliest request would "
+            "never fit in the queue",
+        ),
+        ([], {"SALIENCE_HEAVY_LANE_SHARE": "1"}, "heavy_lane_share=1.0 is out of range"),
     ],
 )
 def test_bad_values_stop_start_up_with_a_message(

@@ -3,8 +3,10 @@
 SmoothGrad (noisy copies) and Integrated Gradients (points on a straight path)
 both need `∂s/∂x` at `K` modified copies of each of the `B` samples of a batch.
 The `B·K` copies run as batches of the model, never one by one, but in chunks of
-about `CHUNK_ROWS` rows, so that device memory stays bounded whatever `K` and `B`
-are: a chunk holds `max(1, CHUNK_ROWS // B)` copies of every sample. The chunks
+about `CHUNK_ROWS` rows and `CHUNK_ELEMENTS` input elements, so that device memory
+stays bounded whatever `K`, `B` and the input size are: a chunk holds
+`max(1, min(CHUNK_ROWS // B, CHUNK_ELEMENTS // (B · elements per sample)))` copies
+of every sample. The chunks
 run inside one `tf.while_loop` of the compiled function, and each chunk's
 gradients are folded into per-sample accumulators straight away, so the `B·K`
 per-copy gradients never exist at once.
@@ -29,16 +31,19 @@ import tensorflow as tf
 
 from salience_server.explain.engine import per_sample
 from salience_server.explain.methods import common
-from salience_server.explain.plan import Plan
+from salience_server.explain.plan import COPIES, Plan
 
 # Rows (copies x samples) of one chunk. A 224x224 ResNet-50 backward pass over
 # 128 rows needs a few GiB; larger batches only amortise kernel launches further.
 CHUNK_ROWS = 128
+# Input elements of one chunk: 128 rows of 224x224x3, so inputs up to that size
+# chunk by rows as before, and larger ones (a free-spatial model fed 1024x1024)
+# take fewer copies a chunk rather than proportionally more memory.
+CHUNK_ELEMENTS = CHUNK_ROWS * 224 * 224 * 3
 
-# The per-sample param holding a request's count of copies (samples, or steps + 1
-# points): a tensor, so that every count runs in one traced graph. Requests share a
-# device call only with equal counts (`Plan.share`).
-COPIES = "copies"
+# COPIES, the per-sample param holding a request's count of copies (samples, or
+# steps + 1 points), is a tensor, so that every count runs in one traced graph.
+# Requests share a device call only with equal counts (`Plan.share`).
 
 Perturb = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor]
 """(explained input rows, sample index per row, copy index per row) → copy rows."""
@@ -83,7 +88,10 @@ def sum_over_copies(
     """
     x = inputs[explained]
     batch = tf.shape(x)[0]
-    per_chunk = tf.maximum(1, CHUNK_ROWS // tf.maximum(batch, 1))
+    by_rows = CHUNK_ROWS // tf.maximum(batch, 1)
+    # int64: a batch of large inputs can pass 2**31 elements.
+    by_elements = CHUNK_ELEMENTS // tf.maximum(tf.size(x, out_type=tf.int64), 1)
+    per_chunk = tf.maximum(1, tf.minimum(by_rows, tf.cast(by_elements, tf.int32)))
     if static_chunks:
         assert isinstance(copies, int), "static chunks need a count known when traced"
         divisors = tf.constant([d for d in range(1, copies + 1) if copies % d == 0])
