@@ -177,6 +177,16 @@ class ResolvedExplanation:
     # Sanity check: the re-initialised layers (output first) and their seed.
     randomized_layers: tuple[str, ...] = ()
     randomization_seed: int = 0
+    # Blur IG's, Guided IG's and XRAI's own parameters (0 or () for other methods).
+    blur_max_sigma: float = 0.0
+    blur_grad_step: float = 0.0
+    guided_fraction: float = 0.0
+    guided_max_dist: float = 0.0
+    xrai_scales: tuple[float, ...] = ()
+    xrai_sigma: float = 0.0
+    xrai_min_size: int = 0
+    xrai_dilation_radius: int = 0
+    xrai_area_threshold: float = 0.0
 
     @classmethod
     def from_proto(cls, message: pb.ResolvedExplanation) -> ResolvedExplanation:
@@ -199,6 +209,15 @@ class ResolvedExplanation:
             output=message.output,
             randomized_layers=tuple(message.randomized_layers),
             randomization_seed=int(message.randomization_seed),
+            blur_max_sigma=float(message.blur_max_sigma),
+            blur_grad_step=float(message.blur_grad_step),
+            guided_fraction=float(message.guided_fraction),
+            guided_max_dist=float(message.guided_max_dist),
+            xrai_scales=tuple(float(v) for v in message.xrai_scales),
+            xrai_sigma=float(message.xrai_sigma),
+            xrai_min_size=int(message.xrai_min_size),
+            xrai_dilation_radius=int(message.xrai_dilation_radius),
+            xrai_area_threshold=float(message.xrai_area_threshold),
         )
 
 
@@ -299,6 +318,15 @@ def explanation_request(
     baseline: np.ndarray | None = None,
     randomize_layers: int = 0,
     randomize_seed: int = 0,
+    blur_max_sigma: float | None = None,
+    blur_grad_step: float | None = None,
+    guided_fraction: float | None = None,
+    guided_max_dist: float | None = None,
+    xrai_scales: Sequence[float] = (),
+    xrai_sigma: float | None = None,
+    xrai_min_size: int | None = None,
+    xrai_dilation_radius: int | None = None,
+    xrai_area_threshold: float | None = None,
 ) -> pb.ExplainRequest:
     """Builds an ExplainRequest; `layer`/`filter_indices` is shorthand for one objective.
 
@@ -308,6 +336,8 @@ def explanation_request(
     `normalize` None means true, `output_dtype` None float32. `randomize_layers` > 0
     explains a copy of the model with that many top weighted layers re-initialised
     (seeded by `randomize_seed`): the parameter-randomisation sanity check.
+    `blur_*` are Blur IG's parameters, `guided_*` Guided IG's, `xrai_*` XRAI's
+    segmentation (None or empty: the method's default; the README's option table).
     """
     if objectives and (layer is not None or filter_indices):
         raise ValueError("give either objectives or layer/filter_indices, not both")
@@ -344,6 +374,20 @@ def explanation_request(
     if randomize_layers:
         explanation.randomization.layers = randomize_layers
         explanation.randomization.seed = randomize_seed
+    path_parameters = {
+        "blur_max_sigma": blur_max_sigma,
+        "blur_grad_step": blur_grad_step,
+        "guided_fraction": guided_fraction,
+        "guided_max_dist": guided_max_dist,
+        "xrai_sigma": xrai_sigma,
+        "xrai_min_size": xrai_min_size,
+        "xrai_dilation_radius": xrai_dilation_radius,
+        "xrai_area_threshold": xrai_area_threshold,
+    }
+    for name, value in path_parameters.items():
+        if value is not None:
+            setattr(explanation, name, value)
+    explanation.xrai_scales.extend(float(v) for v in xrai_scales)
     return pb.ExplainRequest(
         model=pb.ModelSpec(name=model, version=version),
         inputs=_input_tensors(inputs),

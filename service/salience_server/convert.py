@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -12,6 +13,7 @@ from salience_client.tensors import TensorError
 from salience_server.errors import InvalidArgument, allowed
 from salience_server.explain import catalog
 from salience_server.explain.options import (
+    MAX_XRAI_SCALES,
     VANILLA,
     ExplainOptions,
     ExplainResult,
@@ -185,8 +187,38 @@ def explain_options(explanation: pb.Explanation, limits: Limits | None = None) -
         baseline=baseline,
         randomize_layers=explanation.randomization.layers,
         randomize_seed=explanation.randomization.seed,
+        **_path_options(explanation),
         unset=_unset_options(explanation),
     )
+
+
+# The path methods' optional parameters (Explanation fields 30-38), unset as None.
+_PATH_OPTIONALS = (
+    "blur_max_sigma",
+    "blur_grad_step",
+    "guided_fraction",
+    "guided_max_dist",
+    "xrai_sigma",
+    "xrai_min_size",
+    "xrai_dilation_radius",
+    "xrai_area_threshold",
+)
+
+
+def _path_options(explanation: pb.Explanation) -> dict[str, Any]:
+    """The path methods' parameters; their methods check the ranges."""
+    if len(explanation.xrai_scales) > MAX_XRAI_SCALES:
+        raise InvalidArgument(
+            f"explanation.xrai_scales has {len(explanation.xrai_scales)} entries, over the "
+            f"most of {MAX_XRAI_SCALES}: list at most {MAX_XRAI_SCALES} scales (empty means "
+            "the default ones)"
+        )
+    options: dict[str, Any] = {
+        name: getattr(explanation, name) if explanation.HasField(name) else None
+        for name in _PATH_OPTIONALS
+    }
+    options["xrai_scales"] = tuple(float(v) for v in explanation.xrai_scales)
+    return options
 
 
 def _unset_options(explanation: pb.Explanation) -> frozenset[str]:
@@ -252,6 +284,15 @@ def explain_response(runtime: ModelDevice, result: ExplainResult) -> pb.ExplainR
         output=r.output_name,
         randomized_layers=list(r.randomized_layers),
         randomization_seed=r.randomization_seed,
+        blur_max_sigma=r.blur_max_sigma,
+        blur_grad_step=r.blur_grad_step,
+        guided_fraction=r.guided_fraction,
+        guided_max_dist=r.guided_max_dist,
+        xrai_scales=list(r.xrai_scales),
+        xrai_sigma=r.xrai_sigma,
+        xrai_min_size=r.xrai_min_size,
+        xrai_dilation_radius=r.xrai_dilation_radius,
+        xrai_area_threshold=r.xrai_area_threshold,
     )
     extras = {
         name: tensors.encode(np.asarray(value, dtype=np.float32), name)

@@ -21,6 +21,8 @@ _METHODS: dict[str, str] = {
     "gradcam": "none",
     "gradcam++": "none",
     "guided-gradcam": "absolute",
+    "blur-ig": "absolute",
+    "guided-ig": "absolute",
 }
 METHODS = MappingProxyType(_METHODS)
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from salience_server.explain import catalog
 from salience_server.explain.engine import Method
+from salience_server.explain.methods.blur_ig import BlurIG
 from salience_server.explain.methods.cam import GradCam, GradCamPlusPlus, GuidedGradCam
 from salience_server.explain.methods.gradient_x_input import GradientXInput
+from salience_server.explain.methods.guided_ig import GuidedIG
 from salience_server.explain.methods.integrated_gradients import IntegratedGradients
 from salience_server.explain.methods.smoothgrad import SmoothGrad
 from salience_server.explain.methods.vanilla import Vanilla
@@ -20,6 +22,8 @@ METHODS: dict[str, Method] = {
         GradCam(),
         GradCamPlusPlus(),
         GuidedGradCam(),
+        BlurIG(),
+        GuidedIG(),
     )
 }
 catalog.check_implemented("methods", METHODS, catalog.METHODS)
