@@ -23,6 +23,7 @@ _METHODS: dict[str, str] = {
     "guided-gradcam": "absolute",
     "blur-ig": "absolute",
     "guided-ig": "absolute",
+    "xrai": "none",
 }
 METHODS = MappingProxyType(_METHODS)
 

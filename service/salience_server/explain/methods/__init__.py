@@ -11,6 +11,7 @@ from salience_server.explain.methods.guided_ig import GuidedIG
 from salience_server.explain.methods.integrated_gradients import IntegratedGradients
 from salience_server.explain.methods.smoothgrad import SmoothGrad
 from salience_server.explain.methods.vanilla import Vanilla
+from salience_server.explain.methods.xrai import Xrai
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -24,6 +25,7 @@ METHODS: dict[str, Method] = {
         GuidedGradCam(),
         BlurIG(),
         GuidedIG(),
+        Xrai(),
     )
 }
 catalog.check_implemented("methods", METHODS, catalog.METHODS)
