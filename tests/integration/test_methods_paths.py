@@ -168,7 +168,8 @@ def test_blur_ig_completeness_residual_is_its_definition(
             blur_max_sigma=10.0,
             **RAW,
         )
-        assert result.completeness_residual is not None and result.score_difference is not None
+        assert result.completeness_residual is not None
+        assert result.score_difference is not None
         np.testing.assert_allclose(result.score_difference, want_difference, rtol=1e-4, atol=1e-6)
         total = result.maps["none"].reshape(len(x), -1).sum(axis=1)
         np.testing.assert_allclose(
@@ -267,7 +268,8 @@ def test_guided_ig_completeness_residual_is_its_definition(
             guided_max_dist=max_dist,
             **RAW,
         )
-        assert result.completeness_residual is not None and result.score_difference is not None
+        assert result.completeness_residual is not None
+        assert result.score_difference is not None
         np.testing.assert_allclose(result.score_difference, want_difference, rtol=1e-4, atol=1e-6)
         total = result.maps["none"].reshape(len(x), -1).sum(axis=1)
         np.testing.assert_allclose(
@@ -411,7 +413,8 @@ def test_xrai_echoes_its_defaults_and_normalises(client: SalienceClient) -> None
     assert r.xrai_area_threshold == 1.0
     saliency = result.maps["none"]
     assert saliency.shape == (1, *SHAPE[:2])
-    assert saliency.min() == 0 and 0.99 < saliency.max() < 1
+    assert saliency.min() == 0
+    assert 0.99 < saliency.max() < 1
 
 
 # Metadata -----------------------------------------------------------------------
