@@ -30,6 +30,10 @@ TOLERANCE = 1e-5
 METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "smoothgrad": {"samples": 6, "seed": 2024, "noise": 0.2},
     "integrated-gradients": {"steps": 12},
+    "blur-ig": {"steps": 8, "blur_max_sigma": 6.0},
+    "guided-ig": {"steps": 8},
+    # Two segmentations: each sample is segmented on the host at 224x224, per scale.
+    "xrai": {"steps": 6, "xrai_scales": [100.0, 500.0]},
 }
 
 
