@@ -97,7 +97,7 @@ def segment_masks(
     scaled = resize(
         scaled, SEGMENTED_SHAPE, order=3, mode="constant", preserve_range=True, anti_aliasing=True
     )
-    masks = []
+    masks: list[np.ndarray] = []
     for scale in scales:
         labels = segmentation.felzenszwalb(scaled, scale=scale, sigma=sigma, min_size=min_size)
         labels = resize(
