@@ -142,6 +142,7 @@ class GuidedIG(Method):
             moving = tf.not_equal(total_diff, 0.0)
             safe_diff = tf.where(moving, total_diff, 1.0)
             infinity = tf.constant(np.inf, tf.float64)
+            sort_dtype = tf.float64 if x.dtype == tf.float64 else tf.float32
 
             def gradient(point: tf.Tensor) -> tf.Tensor:
                 feed = list(inputs)
@@ -188,7 +189,11 @@ class GuidedIG(Method):
                     )
                     grad = tf.where(tf.equal(point, x_max), infinity, grad)
                     magnitude = tf.abs(grad)
-                    threshold = tf.gather(tf.sort(magnitude, axis=1), rank, axis=1, batch_dims=1)
+                    # |g| comes from gradients in the input's dtype (or is inf): sorting
+                    # it in that dtype (at least float32) finds the same threshold, twice
+                    # as fast as in float64 for a float32 model.
+                    ordered = tf.sort(tf.cast(magnitude, sort_dtype), axis=1)
+                    threshold = tf.cast(tf.gather(ordered, rank, axis=1, batch_dims=1), tf.float64)
                     selected = tf.logical_and(magnitude <= threshold[:, None], grad != infinity)
                     l1_s = tf.reduce_sum(
                         tf.abs(point - x_max) * tf.cast(selected, tf.float64), axis=1
