@@ -552,10 +552,12 @@ BAD = [
         _with(_param("temperature", 1), outputs=("saliency",)),
         INVALID,
         "parameters['temperature'] is not a parameter salience knows: use one of "
-        "'backprop_modifier', 'filter_indices', 'grad_modifiers', 'input', 'keep_activation', "
+        "'backprop_modifier', 'blur_grad_step', 'blur_max_sigma', 'filter_indices', "
+        "'grad_modifiers', 'guided_fraction', 'guided_max_dist', 'input', 'keep_activation', "
         "'keepdims', 'layer', 'method', 'noise', 'normalize', 'output', 'output_dtype', "
         "'penultimate_layer', 'randomize_layers', 'randomize_seed', 'samples', 'seed', "
-        "'steps', 'wrt'",
+        "'steps', 'wrt', 'xrai_area_threshold', 'xrai_dilation_radius', 'xrai_min_size', "
+        "'xrai_scales', 'xrai_sigma'",
     ),
     (
         "parameter of the wrong kind",
