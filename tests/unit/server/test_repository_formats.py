@@ -70,6 +70,9 @@ def test_a_saved_model_is_its_signature_without_layers(repo: Path, name: str) ->
         "smoothgrad",
         "integrated-gradients",
         "gradient-x-input",
+        "blur-ig",
+        "guided-ig",
+        "xrai",
     )
     assert runtime.backprop_modifiers() == ()
 
