@@ -124,6 +124,12 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
         "(unset means 150)",
     ),
     (
+        "xrai regions over the bound",
+        {"method": XRAI, "xrai_min_size": 10},
+        "explanation.xrai_min_size=10 allows up to 30105 regions with 6 scales, over the "
+        "most of 4096: use xrai_min_size >= 74, or fewer xrai_scales",
+    ),
+    (
         "xrai dilation radius",
         {"method": XRAI, "xrai_dilation_radius": 33},
         "explanation.xrai_dilation_radius=33 is out of range: use 0 <= xrai_dilation_radius "

@@ -127,7 +127,7 @@ def per_request(method: str, k: int, n: int) -> dict[str, Any]:
         return {
             "xrai_scales": [[50.0, 300.0], [100.0], [150.0, 250.0, 500.0]][k % 3],
             "xrai_sigma": [0.8, 0.3][k % 2],
-            "xrai_min_size": [20, 150][k % 2],
+            "xrai_min_size": [40, 150][k % 2],
             "xrai_dilation_radius": [0, 2, 5][k % 3],
             "xrai_area_threshold": [1.0, 0.5][k % 2],
         }

@@ -58,6 +58,10 @@ DEFAULT_XRAI_SIGMA = 0.8
 MAX_XRAI_SIGMA = 10.0
 DEFAULT_XRAI_MIN_SIZE = 150
 MAX_XRAI_MIN_SIZE = 224 * 224  # pixels of the image Felzenszwalb's algorithm segments
+# Felzenszwalb's segments hold at least min_size of the 224x224 pixels each, so a
+# request makes at most scales * 50176 / min_size regions: bounded by this, as every
+# region is a mask of the image on the device.
+MAX_XRAI_REGIONS = 4096
 DEFAULT_XRAI_DILATION_RADIUS = 5
 MAX_XRAI_DILATION_RADIUS = 32
 DEFAULT_XRAI_AREA_THRESHOLD = 1.0

@@ -59,6 +59,7 @@ from salience_server.explain.options import (
     DEFAULT_XRAI_SIGMA,
     MAX_XRAI_DILATION_RADIUS,
     MAX_XRAI_MIN_SIZE,
+    MAX_XRAI_REGIONS,
     MAX_XRAI_SCALE,
     MAX_XRAI_SCALES,
     MAX_XRAI_SIGMA,
@@ -227,6 +228,14 @@ class Xrai(Method):
                 False,
             )
         )
+        most = len(scales) * MAX_XRAI_MIN_SIZE // min_size
+        if most > MAX_XRAI_REGIONS:
+            smallest = -(-len(scales) * MAX_XRAI_MIN_SIZE // MAX_XRAI_REGIONS)
+            raise InvalidArgument(
+                f"explanation.xrai_min_size={min_size} allows up to {most} regions with "
+                f"{len(scales)} scales, over the most of {MAX_XRAI_REGIONS}: use "
+                f"xrai_min_size >= {smallest}, or fewer xrai_scales"
+            )
         radius = int(
             in_range(
                 "xrai_dilation_radius",
