@@ -94,6 +94,15 @@ def explanation_request(
     window: int = 0,
     stride: int = 0,
     occlusion_value: float | None = None,
+    blur_max_sigma: float | None = None,
+    blur_grad_step: float | None = None,
+    guided_fraction: float | None = None,
+    guided_max_dist: float | None = None,
+    xrai_scales: Sequence[float] = (),
+    xrai_sigma: float | None = None,
+    xrai_min_size: int | None = None,
+    xrai_dilation_radius: int | None = None,
+    xrai_area_threshold: float | None = None,
 ) -> pb.ExplainRequest:
     """Builds an ExplainRequest; `layer`/`filter_indices` is shorthand for one objective.
 
@@ -106,6 +115,8 @@ def explanation_request(
     `chunk_size` is the rows per forward pass of Score-CAM, Faster-ScoreCAM and
     occlusion (0: 64), `top_channels` Faster-ScoreCAM's kept channels (0: 10),
     `window`/`stride`/`occlusion_value` occlusion's (0: 16, half the window; None: 0).
+    `blur_*` are Blur IG's parameters, `guided_*` Guided IG's, `xrai_*` XRAI's
+    segmentation (None or empty: the method's default; the README's option table).
     """
     if objectives and (layer is not None or filter_indices):
         raise ValueError("give either objectives or layer/filter_indices, not both")
@@ -148,6 +159,20 @@ def explanation_request(
     if randomize_layers:
         explanation.randomization.layers = randomize_layers
         explanation.randomization.seed = randomize_seed
+    path_parameters = {
+        "blur_max_sigma": blur_max_sigma,
+        "blur_grad_step": blur_grad_step,
+        "guided_fraction": guided_fraction,
+        "guided_max_dist": guided_max_dist,
+        "xrai_sigma": xrai_sigma,
+        "xrai_min_size": xrai_min_size,
+        "xrai_dilation_radius": xrai_dilation_radius,
+        "xrai_area_threshold": xrai_area_threshold,
+    }
+    for name, value in path_parameters.items():
+        if value is not None:
+            setattr(explanation, name, value)
+    explanation.xrai_scales.extend(float(v) for v in xrai_scales)
     return pb.ExplainRequest(
         model=pb.ModelSpec(name=model, version=version),
         inputs=_input_tensors(inputs),

@@ -142,6 +142,16 @@ class ResolvedExplanation:
     window: int = 0
     stride: int = 0
     occlusion_value: float = 0.0
+    # Blur IG's, Guided IG's and XRAI's own parameters (0 or () for other methods).
+    blur_max_sigma: float = 0.0
+    blur_grad_step: float = 0.0
+    guided_fraction: float = 0.0
+    guided_max_dist: float = 0.0
+    xrai_scales: tuple[float, ...] = ()
+    xrai_sigma: float = 0.0
+    xrai_min_size: int = 0
+    xrai_dilation_radius: int = 0
+    xrai_area_threshold: float = 0.0
 
     @classmethod
     def from_proto(cls, message: pb.ResolvedExplanation) -> ResolvedExplanation:
@@ -169,6 +179,15 @@ class ResolvedExplanation:
             window=int(message.window),
             stride=int(message.stride),
             occlusion_value=float(message.occlusion_value),
+            blur_max_sigma=float(message.blur_max_sigma),
+            blur_grad_step=float(message.blur_grad_step),
+            guided_fraction=float(message.guided_fraction),
+            guided_max_dist=float(message.guided_max_dist),
+            xrai_scales=tuple(float(v) for v in message.xrai_scales),
+            xrai_sigma=float(message.xrai_sigma),
+            xrai_min_size=int(message.xrai_min_size),
+            xrai_dilation_radius=int(message.xrai_dilation_radius),
+            xrai_area_threshold=float(message.xrai_area_threshold),
         )
 
 

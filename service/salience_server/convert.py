@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -15,6 +16,7 @@ from salience_server.explain.options import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_OCCLUSION_VALUE,
     MAX_CHUNK_SIZE,
+    MAX_XRAI_SCALES,
     VANILLA,
     ExplainOptions,
     ExplainResult,
@@ -209,8 +211,38 @@ def explain_options(explanation: pb.Explanation, limits: Limits | None = None) -
         window=explanation.window,
         stride=explanation.stride,
         occlusion_value=occlusion_value,
+        **_path_options(explanation),
         unset=_unset_options(explanation),
     )
+
+
+# The path methods' optional parameters (Explanation fields 30-38), unset as None.
+_PATH_OPTIONALS = (
+    "blur_max_sigma",
+    "blur_grad_step",
+    "guided_fraction",
+    "guided_max_dist",
+    "xrai_sigma",
+    "xrai_min_size",
+    "xrai_dilation_radius",
+    "xrai_area_threshold",
+)
+
+
+def _path_options(explanation: pb.Explanation) -> dict[str, Any]:
+    """The path methods' parameters; their methods check the ranges."""
+    if len(explanation.xrai_scales) > MAX_XRAI_SCALES:
+        raise InvalidArgument(
+            f"explanation.xrai_scales has {len(explanation.xrai_scales)} entries, over the "
+            f"most of {MAX_XRAI_SCALES}: list at most {MAX_XRAI_SCALES} scales (empty means "
+            "the default ones)"
+        )
+    options: dict[str, Any] = {
+        name: getattr(explanation, name) if explanation.HasField(name) else None
+        for name in _PATH_OPTIONALS
+    }
+    options["xrai_scales"] = tuple(float(v) for v in explanation.xrai_scales)
+    return options
 
 
 def _unset_options(explanation: pb.Explanation) -> frozenset[str]:
@@ -281,6 +313,15 @@ def explain_response(runtime: ModelDevice, result: ExplainResult) -> pb.ExplainR
         window=r.window,
         stride=r.stride,
         occlusion_value=r.occlusion_value,
+        blur_max_sigma=r.blur_max_sigma,
+        blur_grad_step=r.blur_grad_step,
+        guided_fraction=r.guided_fraction,
+        guided_max_dist=r.guided_max_dist,
+        xrai_scales=list(r.xrai_scales),
+        xrai_sigma=r.xrai_sigma,
+        xrai_min_size=r.xrai_min_size,
+        xrai_dilation_radius=r.xrai_dilation_radius,
+        xrai_area_threshold=r.xrai_area_threshold,
     )
     extras = {
         name: tensors.encode(np.asarray(value, dtype=np.float32), name)

@@ -136,6 +136,10 @@ _EXPLANATION_RENAMES = (
         r"chunk_size|top_channels|window|stride|occlusion_value|"
         r"normalize|keep_activation|output_dtype|input|output)\b"
     ),
+    re.compile(
+        r"\bexplanation\.(blur_max_sigma|blur_grad_step|guided_fraction|guided_max_dist|"
+        r"xrai_scales|xrai_sigma|xrai_min_size|xrai_dilation_radius|xrai_area_threshold)\b"
+    ),
 )
 
 
@@ -527,6 +531,29 @@ def _set_noise(name: str, p: oip.InferParameter, e: pb.Explanation) -> None:
     e.noise = _number(name, p)  # explain_options refuses what float32 cannot hold
 
 
+def _scales(name: str, param: oip.InferParameter) -> list[float]:
+    """XRAI's segmentation scales: one number, or a string of comma-separated numbers."""
+    kind = _kind(name, param)
+    if kind != "string_param":
+        return [_number(name, param)]
+    text = _string(name, param)
+    try:
+        return [float(part) for part in text.split(",")] if text.strip() else []
+    except ValueError:
+        raise InvalidArgument(
+            f"parameters[{name!r}]={text!r} is not a list of numbers: use e.g. '50,100,150'"
+        ) from None
+
+
+def _set_number(field: str) -> Setter:
+    """Sets a real-valued path-method parameter (the method checks its range)."""
+    return lambda n, p, e: setattr(e, field, _number(n, p))
+
+
+def _set_count(field: str) -> Setter:
+    return lambda n, p, e: setattr(e, field, _count(n, p))
+
+
 PARAMETERS: dict[str, Setter] = {
     "method": lambda n, p, e: setattr(e, "method", _string(n, p)),
     "layer": _set_objective_layer,
@@ -554,6 +581,16 @@ PARAMETERS: dict[str, Setter] = {
     # re-initialised (Explanation.randomization).
     "randomize_layers": lambda n, p, e: setattr(e.randomization, "layers", _count(n, p)),
     "randomize_seed": lambda n, p, e: setattr(e.randomization, "seed", _seed(n, p)),
+    # Blur IG's, Guided IG's and XRAI's own parameters (Explanation fields 30-38).
+    "blur_max_sigma": _set_number("blur_max_sigma"),
+    "blur_grad_step": _set_number("blur_grad_step"),
+    "guided_fraction": _set_number("guided_fraction"),
+    "guided_max_dist": _set_number("guided_max_dist"),
+    "xrai_scales": lambda n, p, e: e.xrai_scales.extend(_scales(n, p)),
+    "xrai_sigma": _set_number("xrai_sigma"),
+    "xrai_min_size": _set_count("xrai_min_size"),
+    "xrai_dilation_radius": _set_count("xrai_dilation_radius"),
+    "xrai_area_threshold": _set_number("xrai_area_threshold"),
 }
 # Not an Explanation field as such: it chooses the map of the `saliency` output.
 GRAD_MODIFIERS_PARAMETER = "grad_modifiers"

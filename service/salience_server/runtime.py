@@ -33,10 +33,13 @@ from salience_server.explain import backprop, modifiers, randomize
 from salience_server.explain.engine import DeviceFunction, RawTensors, Tensors, param_specs
 from salience_server.explain.methods import METHODS, occlusion
 from salience_server.explain.options import (
+    BLUR_IG,
     DEFAULT_SAMPLES,
     DEFAULT_STEPS,
+    GUIDED_IG,
     OCCLUSION,
     OUTPUT_DTYPES,
+    XRAI,
     ExplainOptions,
     ExplainResult,
     Limits,
@@ -63,11 +66,31 @@ PLAN_CACHE_BYTES = 1 << 20
 FUNCTION_CACHE_SIZE = 32
 
 
+# The path methods' own parameters, by the method that takes them.
+_PATH_PARAMETERS: dict[str, str] = {
+    "blur_max_sigma": BLUR_IG,
+    "blur_grad_step": BLUR_IG,
+    "guided_fraction": GUIDED_IG,
+    "guided_max_dist": GUIDED_IG,
+    "xrai_scales": XRAI,
+    "xrai_sigma": XRAI,
+    "xrai_min_size": XRAI,
+    "xrai_dilation_radius": XRAI,
+    "xrai_area_threshold": XRAI,
+}
+
+
 def _check_honoured(options: ExplainOptions, plan: Plan) -> None:
     """Refuses options the method did not apply (its echo lacks them), so that a
     request never silently gets a map computed without what it asked for.
     """
     method = options.method
+    for field, owner in _PATH_PARAMETERS.items():
+        if getattr(options, field) not in (None, ()) and method != owner:
+            raise InvalidArgument(
+                f"explanation.{field} does not apply to method {method!r}: it is a parameter "
+                f"of method {owner!r}; leave it unset"
+            )
     r = plan.resolved
     if options.backprop_modifier and not r.backprop_modifier:
         raise InvalidArgument(

@@ -23,6 +23,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from salience_client import SalienceClient
+
 SHAPE = (8, 8, 3)
 UNITS = 4
 EPS = 1e-7  # the server's normalisation epsilon
@@ -287,6 +289,66 @@ def test_explain_method_options_reach_the_server(
     )  # fmt: skip
     assert done.returncode == 2
     assert "--samples" in done.stderr
+
+
+def test_explain_path_method_options_reach_the_server(
+    served: Served, inputs: dict[str, np.ndarray]
+) -> None:
+    from scipy import ndimage
+
+    x = inputs["one.npy"].astype(np.float32).astype(np.float64)
+    w = served.gradient(3)
+    # Guided IG of a linear score from a zero baseline is exactly x ⊙ w, whatever
+    # path its fraction and max_dist make it walk.
+    served.ok(
+        "explain", "--target", served.target, "--model", "linear", "--layer", "logits",
+        "--filter-indices", "3", "--method", "guided-ig", "--steps", "5",
+        "--guided-fraction", "0.5", "--guided-max-dist", "0.3",
+        "--grad-modifier", "none", "--keepdims", "--no-normalize", "--out", "gig.npz",
+        "one.npy",
+    )  # fmt: skip
+    with np.load(served.workdir / "gig.npz") as saved:
+        np.testing.assert_allclose(saved["saliency"][0], x * w, rtol=1e-4, atol=1e-5)
+    # Blur IG's score difference is measured against the input blurred at its sigma.
+    served.ok(
+        "explain", "--target", served.target, "--model", "linear", "--layer", "logits",
+        "--filter-indices", "3", "--method", "blur-ig", "--steps", "4",
+        "--blur-max-sigma", "3", "--blur-grad-step", "0.05", "--out", "blur.npz", "one.npy",
+    )  # fmt: skip
+    blurred = ndimage.gaussian_filter(x, [3, 3, 0], mode="constant")
+    with np.load(served.workdir / "blur.npz") as saved:
+        want = float(((x - blurred) * w).sum())
+        np.testing.assert_allclose(saved["score_difference"], [want], rtol=1e-4, atol=1e-5)
+    served.ok(
+        "explain", "--target", served.target, "--model", "linear", "--layer", "logits",
+        "--filter-indices", "3", "--method", "xrai", "--steps", "4", "--xrai-scales", "100,300",
+        "--xrai-sigma", "0.5", "--xrai-min-size", "40", "--xrai-dilation-radius", "1",
+        "--xrai-area-threshold", "0.5", "--out", "xrai.npz", "one.npy",
+    )  # fmt: skip
+    with SalienceClient(served.target) as client:
+        want = client.explain(
+            "linear",
+            x[None].astype(np.float32),
+            layer="logits",
+            filter_indices=[3],
+            method="xrai",
+            steps=4,
+            xrai_scales=[100.0, 300.0],
+            xrai_sigma=0.5,
+            xrai_min_size=40,
+            xrai_dilation_radius=1,
+            xrai_area_threshold=0.5,
+        )
+    assert want.resolved.xrai_scales == (100.0, 300.0)
+    with np.load(served.workdir / "xrai.npz") as saved:
+        assert saved["saliency"].shape == (1, *SHAPE[:2])
+        np.testing.assert_array_equal(saved["saliency"], want.maps["none"])
+    done = served.run(
+        "explain", "--target", served.target, "--model", "linear", "--method", "xrai",
+        "--xrai-scales", "100,x", "one.npy",
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "'100,x' is not a comma-separated list of numbers" in done.stderr
 
 
 def test_explain_to_a_directory_writes_overlays(

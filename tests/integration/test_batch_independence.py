@@ -34,6 +34,10 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     # Chunks of 8 rows: one copy of each of 8 samples, 8 copies of a lone one.
     "scorecam": {"chunk_size": 8},
     "occlusion": {"window": 3, "stride": 2, "occlusion_value": 0.5, "chunk_size": 8},
+    "blur-ig": {"steps": 8, "blur_max_sigma": 6.0},
+    "guided-ig": {"steps": 8},
+    # Two segmentations: each sample is segmented on the host at 224x224, per scale.
+    "xrai": {"steps": 6, "xrai_scales": [100.0, 500.0]},
 }
 
 

@@ -33,6 +33,9 @@ GRAPH_OPTIONS: dict[str, dict[str, Any]] = {
     "smoothgrad": {"samples": 4},
     "integrated-gradients": {"steps": 8},
     "occlusion": {"window": 3, "stride": 2},
+    "blur-ig": {"steps": 4},
+    "guided-ig": {"steps": 4},
+    "xrai": {"steps": 4},
 }
 BACKPROP_MODIFIERS = ["", "guided", "rectified"]
 # Grad-CAM and Grad-CAM++ weight activations by the ordinary gradient; Guided Grad-CAM
@@ -124,6 +127,24 @@ def per_request(method: str, k: int, n: int) -> dict[str, Any]:
         # Rows per forward pass (and occlusion's value) are tensor arguments too.
         chunk = {"chunk_size": [0, 5, 17][k % 3]}
         return {**chunk, "occlusion_value": 0.1 * k} if method == "occlusion" else chunk
+    if method == "blur-ig":
+        return {"blur_max_sigma": [2.0, 5.0, 30.0][k % 3], "blur_grad_step": [0.01, 0.1][k % 2]}
+    if method == "guided-ig":
+        one = np.full(SHAPE, 0.1 * k, np.float32)
+        return {
+            "guided_fraction": [0.25, 0.5, 1.0][k % 3],
+            "guided_max_dist": [0.02, 0.0, 1.0][k % 3],
+            "baseline": one if k % 2 else np.stack([one] * n),
+        }
+    if method == "xrai":
+        # The segmentation's parameters are per-sample rows too (read on the host).
+        return {
+            "xrai_scales": [[50.0, 300.0], [100.0], [150.0, 250.0, 500.0]][k % 3],
+            "xrai_sigma": [0.8, 0.3][k % 2],
+            "xrai_min_size": [40, 150][k % 2],
+            "xrai_dilation_radius": [0, 2, 5][k % 3],
+            "xrai_area_threshold": [1.0, 0.5][k % 2],
+        }
     return {}
 
 
@@ -186,6 +207,9 @@ def explain(
         ("integrated-gradients", "steps", [1, 2, 3, 5, 8, 13, 21]),
         ("occlusion", "window", [1, 2, 3, 5, 8]),
         ("faster-scorecam", "top_channels", [1, 2, 3, 4]),
+        ("blur-ig", "steps", [1, 2, 3, 5, 8]),
+        ("guided-ig", "steps", [1, 2, 3, 5, 8]),
+        ("xrai", "steps", [2, 3, 5, 8]),
     ],
 )
 def test_every_count_of_samples_or_steps_reuses_one_graph(
@@ -209,5 +233,6 @@ def test_every_count_of_samples_or_steps_reuses_one_graph(
     assert live_traces() == before, f"{method}: a new {option} count retraced a function"
     # (Their agreement with each method's definition at a given count is checked in
     # test_methods_noise_ig; here, that no two counts gave the same raw map.)
+    default = METHODS[method].default_grad_modifier
     for a, b in itertools.pairwise(maps):
-        assert not np.array_equal(a["absolute"], b["absolute"])
+        assert not np.array_equal(a[default], b[default])

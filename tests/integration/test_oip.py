@@ -552,11 +552,13 @@ BAD = [
         _with(_param("temperature", 1), outputs=("saliency",)),
         INVALID,
         "parameters['temperature'] is not a parameter salience knows: use one of "
-        "'backprop_modifier', 'chunk_size', 'filter_indices', 'grad_modifiers', 'input', "
+        "'backprop_modifier', 'blur_grad_step', 'blur_max_sigma', 'chunk_size', "
+        "'filter_indices', 'grad_modifiers', 'guided_fraction', 'guided_max_dist', 'input', "
         "'keep_activation', 'keepdims', 'layer', 'method', 'noise', 'normalize', "
         "'occlusion_value', 'output', 'output_dtype', 'penultimate_layer', "
         "'randomize_layers', 'randomize_seed', 'samples', 'seed', 'steps', 'stride', "
-        "'top_channels', 'window', 'wrt'",
+        "'top_channels', 'window', 'wrt', 'xrai_area_threshold', 'xrai_dilation_radius', "
+        "'xrai_min_size', 'xrai_scales', 'xrai_sigma'",
     ),
     (
         "parameter of the wrong kind",

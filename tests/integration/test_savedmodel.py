@@ -16,9 +16,19 @@ from salience_client import Objective, SalienceClient, SalienceError
 
 SHAPE = (6, 5, 3)
 ATOL = 1e-5
-GRADIENT_METHODS = ["vanilla", "smoothgrad", "integrated-gradients", "gradient-x-input"]
-# What needs no layer: the gradient methods and occlusion (forward passes only).
-SIGNATURE_METHODS = [*GRADIENT_METHODS, "occlusion"]
+GRADIENT_METHODS = [
+    "vanilla",
+    "smoothgrad",
+    "integrated-gradients",
+    "gradient-x-input",
+    "blur-ig",
+    "guided-ig",
+    "xrai",
+]
+# What needs no layer: the gradient methods and occlusion (forward passes only), in
+# the order metadata lists them.
+SIGNATURE_METHODS = [*GRADIENT_METHODS[:4], "occlusion", *GRADIENT_METHODS[4:]]
+PATH_METHODS = {"integrated-gradients", "blur-ig", "guided-ig", "xrai"}
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +101,7 @@ def test_maps_equal_the_keras_models(client: SalienceClient, method: str, normal
     if method != "smoothgrad":
         options.pop("seed")
         options.pop("samples")
-    if method != "integrated-gradients":
+    if method not in PATH_METHODS:
         options.pop("steps")
     x = images()
     want = client.explain("heads", x, **options)

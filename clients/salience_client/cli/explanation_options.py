@@ -57,7 +57,8 @@ def explanation_parser() -> argparse.ArgumentParser:
         default="",
         metavar="NAME",
         help="vanilla (default), gradcam, gradcam++, guided-gradcam, smoothgrad, "
-        "integrated-gradients, gradient-x-input, scorecam, faster-scorecam, layercam, occlusion",
+        "integrated-gradients, gradient-x-input, scorecam, faster-scorecam, layercam, occlusion, "
+        "blur-ig, guided-ig, xrai",
     )
     options.add_argument(
         "--backprop-modifier",
@@ -147,7 +148,51 @@ def explanation_parser() -> argparse.ArgumentParser:
     options.add_argument(
         "--output-dtype", choices=OUTPUT_DTYPES, default="float32", help="element type of maps"
     )
+    add_path_method_options(options)
     return options
+
+
+# Blur IG's, Guided IG's and XRAI's own options: unset means the server's default
+# (the README's option table); the server checks their ranges.
+PATH_METHOD_OPTIONS: tuple[tuple[str, Any, str, str], ...] = (
+    ("blur_max_sigma", parse_non_negative, "S", "Blur IG: largest blur sigma in pixels (50)"),
+    ("blur_grad_step", parse_non_negative, "H", "Blur IG: sigma step of d blur/d sigma (0.01)"),
+    ("guided_fraction", parse_non_negative, "F", "Guided IG: features moved per step (0.25)"),
+    ("guided_max_dist", parse_non_negative, "D", "Guided IG: largest lead off the line (0.02)"),
+    ("xrai_sigma", parse_non_negative, "S", "XRAI: Felzenszwalb's smoothing sigma (0.8)"),
+    ("xrai_min_size", parse_count, "N", "XRAI: smallest segment in pixels (150)"),
+    ("xrai_dilation_radius", parse_count, "R", "XRAI: segment dilation radius (5)"),
+    ("xrai_area_threshold", parse_non_negative, "A", "XRAI: area ranked, a fraction (1)"),
+)
+
+
+def parse_scales(text: str) -> tuple[float, ...]:
+    """XRAI's segmentation scales: comma-separated numbers > 0."""
+    try:
+        return tuple(parse_non_negative(part) for part in text.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of numbers (such as 50,100,150)"
+        ) from None
+
+
+def add_path_method_options(options: argparse.ArgumentParser) -> None:
+    for name, parse, metavar, help_text in PATH_METHOD_OPTIONS:
+        flag = "--" + name.replace("_", "-")
+        options.add_argument(flag, type=parse, metavar=metavar, help=help_text)
+    options.add_argument(
+        "--xrai-scales",
+        type=parse_scales,
+        default=(),
+        metavar="S[,S...]",
+        help="XRAI: Felzenszwalb's scales, one segmentation each (50,100,150,250,500,1200)",
+    )
+
+
+def path_method_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The path methods' keyword arguments of `SalienceClient.explain`."""
+    chosen = {name: getattr(args, name) for name, *_ in PATH_METHOD_OPTIONS}
+    return {**chosen, "xrai_scales": args.xrai_scales}
 
 
 def explanation_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -172,6 +217,7 @@ def explanation_options(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "input_name": args.input_name,
         "output": args.output_head,
+        **path_method_options(args),
         "chunk_size": args.chunk_size,
         "top_channels": args.top_channels,
         "window": args.window,

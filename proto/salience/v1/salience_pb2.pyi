@@ -96,7 +96,7 @@ class Objective(_message.Message):
     def __init__(self, layer: _Optional[_Union[LayerRef, _Mapping]] = ..., filter_indices: _Optional[_Iterable[int]] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class Explanation(_message.Message):
-    __slots__ = ("method", "objectives", "grad_modifiers", "keepdims", "normalize", "keep_activation", "output_dtype", "backprop_modifier", "wrt", "seed", "input", "output", "penultimate_layer", "samples", "noise", "steps", "baseline", "randomization", "chunk_size", "top_channels", "window", "stride", "occlusion_value")
+    __slots__ = ("method", "objectives", "grad_modifiers", "keepdims", "normalize", "keep_activation", "output_dtype", "backprop_modifier", "wrt", "seed", "input", "output", "penultimate_layer", "samples", "noise", "steps", "baseline", "randomization", "chunk_size", "top_channels", "window", "stride", "occlusion_value", "blur_max_sigma", "blur_grad_step", "guided_fraction", "guided_max_dist", "xrai_scales", "xrai_sigma", "xrai_min_size", "xrai_dilation_radius", "xrai_area_threshold")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVES_FIELD_NUMBER: _ClassVar[int]
     GRAD_MODIFIERS_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,15 @@ class Explanation(_message.Message):
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     STRIDE_FIELD_NUMBER: _ClassVar[int]
     OCCLUSION_VALUE_FIELD_NUMBER: _ClassVar[int]
+    BLUR_MAX_SIGMA_FIELD_NUMBER: _ClassVar[int]
+    BLUR_GRAD_STEP_FIELD_NUMBER: _ClassVar[int]
+    GUIDED_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    GUIDED_MAX_DIST_FIELD_NUMBER: _ClassVar[int]
+    XRAI_SCALES_FIELD_NUMBER: _ClassVar[int]
+    XRAI_SIGMA_FIELD_NUMBER: _ClassVar[int]
+    XRAI_MIN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    XRAI_DILATION_RADIUS_FIELD_NUMBER: _ClassVar[int]
+    XRAI_AREA_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     method: str
     objectives: _containers.RepeatedCompositeFieldContainer[Objective]
     grad_modifiers: _containers.RepeatedScalarFieldContainer[str]
@@ -143,7 +152,16 @@ class Explanation(_message.Message):
     window: int
     stride: int
     occlusion_value: float
-    def __init__(self, method: _Optional[str] = ..., objectives: _Optional[_Iterable[_Union[Objective, _Mapping]]] = ..., grad_modifiers: _Optional[_Iterable[str]] = ..., keepdims: _Optional[bool] = ..., normalize: _Optional[bool] = ..., keep_activation: _Optional[bool] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., backprop_modifier: _Optional[str] = ..., wrt: _Optional[_Union[LayerRef, _Mapping]] = ..., seed: _Optional[int] = ..., input: _Optional[str] = ..., output: _Optional[str] = ..., penultimate_layer: _Optional[_Union[LayerRef, _Mapping]] = ..., samples: _Optional[int] = ..., noise: _Optional[float] = ..., steps: _Optional[int] = ..., baseline: _Optional[_Union[Tensor, _Mapping]] = ..., randomization: _Optional[_Union[Randomization, _Mapping]] = ..., chunk_size: _Optional[int] = ..., top_channels: _Optional[int] = ..., window: _Optional[int] = ..., stride: _Optional[int] = ..., occlusion_value: _Optional[float] = ...) -> None: ...
+    blur_max_sigma: float
+    blur_grad_step: float
+    guided_fraction: float
+    guided_max_dist: float
+    xrai_scales: _containers.RepeatedScalarFieldContainer[float]
+    xrai_sigma: float
+    xrai_min_size: int
+    xrai_dilation_radius: int
+    xrai_area_threshold: float
+    def __init__(self, method: _Optional[str] = ..., objectives: _Optional[_Iterable[_Union[Objective, _Mapping]]] = ..., grad_modifiers: _Optional[_Iterable[str]] = ..., keepdims: _Optional[bool] = ..., normalize: _Optional[bool] = ..., keep_activation: _Optional[bool] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., backprop_modifier: _Optional[str] = ..., wrt: _Optional[_Union[LayerRef, _Mapping]] = ..., seed: _Optional[int] = ..., input: _Optional[str] = ..., output: _Optional[str] = ..., penultimate_layer: _Optional[_Union[LayerRef, _Mapping]] = ..., samples: _Optional[int] = ..., noise: _Optional[float] = ..., steps: _Optional[int] = ..., baseline: _Optional[_Union[Tensor, _Mapping]] = ..., randomization: _Optional[_Union[Randomization, _Mapping]] = ..., chunk_size: _Optional[int] = ..., top_channels: _Optional[int] = ..., window: _Optional[int] = ..., stride: _Optional[int] = ..., occlusion_value: _Optional[float] = ..., blur_max_sigma: _Optional[float] = ..., blur_grad_step: _Optional[float] = ..., guided_fraction: _Optional[float] = ..., guided_max_dist: _Optional[float] = ..., xrai_scales: _Optional[_Iterable[float]] = ..., xrai_sigma: _Optional[float] = ..., xrai_min_size: _Optional[int] = ..., xrai_dilation_radius: _Optional[int] = ..., xrai_area_threshold: _Optional[float] = ...) -> None: ...
 
 class Randomization(_message.Message):
     __slots__ = ("layers", "seed")
@@ -188,7 +206,7 @@ class ResolvedObjective(_message.Message):
     def __init__(self, layer_name: _Optional[str] = ..., layer_index: _Optional[int] = ..., filter_indices: _Optional[_Iterable[int]] = ..., weight: _Optional[float] = ..., used_logits: _Optional[bool] = ..., reduction: _Optional[str] = ...) -> None: ...
 
 class ResolvedExplanation(_message.Message):
-    __slots__ = ("method", "objectives", "grad_modifiers", "keepdims", "normalize", "output_dtype", "input", "channels_reduced", "seed", "backprop_modifier", "wrt", "penultimate_layer", "samples", "noise", "steps", "output", "randomized_layers", "randomization_seed", "chunk_size", "top_channels", "window", "stride", "occlusion_value")
+    __slots__ = ("method", "objectives", "grad_modifiers", "keepdims", "normalize", "output_dtype", "input", "channels_reduced", "seed", "backprop_modifier", "wrt", "penultimate_layer", "samples", "noise", "steps", "output", "randomized_layers", "randomization_seed", "chunk_size", "top_channels", "window", "stride", "occlusion_value", "blur_max_sigma", "blur_grad_step", "guided_fraction", "guided_max_dist", "xrai_scales", "xrai_sigma", "xrai_min_size", "xrai_dilation_radius", "xrai_area_threshold")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVES_FIELD_NUMBER: _ClassVar[int]
     GRAD_MODIFIERS_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +230,15 @@ class ResolvedExplanation(_message.Message):
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     STRIDE_FIELD_NUMBER: _ClassVar[int]
     OCCLUSION_VALUE_FIELD_NUMBER: _ClassVar[int]
+    BLUR_MAX_SIGMA_FIELD_NUMBER: _ClassVar[int]
+    BLUR_GRAD_STEP_FIELD_NUMBER: _ClassVar[int]
+    GUIDED_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    GUIDED_MAX_DIST_FIELD_NUMBER: _ClassVar[int]
+    XRAI_SCALES_FIELD_NUMBER: _ClassVar[int]
+    XRAI_SIGMA_FIELD_NUMBER: _ClassVar[int]
+    XRAI_MIN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    XRAI_DILATION_RADIUS_FIELD_NUMBER: _ClassVar[int]
+    XRAI_AREA_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     method: str
     objectives: _containers.RepeatedCompositeFieldContainer[ResolvedObjective]
     grad_modifiers: _containers.RepeatedScalarFieldContainer[str]
@@ -235,7 +262,16 @@ class ResolvedExplanation(_message.Message):
     window: int
     stride: int
     occlusion_value: float
-    def __init__(self, method: _Optional[str] = ..., objectives: _Optional[_Iterable[_Union[ResolvedObjective, _Mapping]]] = ..., grad_modifiers: _Optional[_Iterable[str]] = ..., keepdims: _Optional[bool] = ..., normalize: _Optional[bool] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., input: _Optional[str] = ..., channels_reduced: _Optional[bool] = ..., seed: _Optional[int] = ..., backprop_modifier: _Optional[str] = ..., wrt: _Optional[str] = ..., penultimate_layer: _Optional[str] = ..., samples: _Optional[int] = ..., noise: _Optional[float] = ..., steps: _Optional[int] = ..., output: _Optional[str] = ..., randomized_layers: _Optional[_Iterable[str]] = ..., randomization_seed: _Optional[int] = ..., chunk_size: _Optional[int] = ..., top_channels: _Optional[int] = ..., window: _Optional[int] = ..., stride: _Optional[int] = ..., occlusion_value: _Optional[float] = ...) -> None: ...
+    blur_max_sigma: float
+    blur_grad_step: float
+    guided_fraction: float
+    guided_max_dist: float
+    xrai_scales: _containers.RepeatedScalarFieldContainer[float]
+    xrai_sigma: float
+    xrai_min_size: int
+    xrai_dilation_radius: int
+    xrai_area_threshold: float
+    def __init__(self, method: _Optional[str] = ..., objectives: _Optional[_Iterable[_Union[ResolvedObjective, _Mapping]]] = ..., grad_modifiers: _Optional[_Iterable[str]] = ..., keepdims: _Optional[bool] = ..., normalize: _Optional[bool] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., input: _Optional[str] = ..., channels_reduced: _Optional[bool] = ..., seed: _Optional[int] = ..., backprop_modifier: _Optional[str] = ..., wrt: _Optional[str] = ..., penultimate_layer: _Optional[str] = ..., samples: _Optional[int] = ..., noise: _Optional[float] = ..., steps: _Optional[int] = ..., output: _Optional[str] = ..., randomized_layers: _Optional[_Iterable[str]] = ..., randomization_seed: _Optional[int] = ..., chunk_size: _Optional[int] = ..., top_channels: _Optional[int] = ..., window: _Optional[int] = ..., stride: _Optional[int] = ..., occlusion_value: _Optional[float] = ..., blur_max_sigma: _Optional[float] = ..., blur_grad_step: _Optional[float] = ..., guided_fraction: _Optional[float] = ..., guided_max_dist: _Optional[float] = ..., xrai_scales: _Optional[_Iterable[float]] = ..., xrai_sigma: _Optional[float] = ..., xrai_min_size: _Optional[int] = ..., xrai_dilation_radius: _Optional[int] = ..., xrai_area_threshold: _Optional[float] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
     __slots__ = ("model", "outputs", "maps", "resolved", "completeness_residual", "score_difference", "labels")

@@ -25,6 +25,9 @@ _METHODS: dict[str, str] = {
     "faster-scorecam": "none",
     "layercam": "relu",
     "occlusion": "none",
+    "blur-ig": "absolute",
+    "guided-ig": "absolute",
+    "xrai": "none",
 }
 METHODS = MappingProxyType(_METHODS)
 

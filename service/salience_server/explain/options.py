@@ -25,6 +25,9 @@ SCORECAM = "scorecam"
 FASTER_SCORECAM = "faster-scorecam"
 LAYERCAM = "layercam"
 OCCLUSION = "occlusion"
+BLUR_IG = "blur-ig"
+GUIDED_IG = "guided-ig"
+XRAI = "xrai"
 METHOD_NAMES: tuple[str, ...] = (
     VANILLA,
     GRADCAM,
@@ -37,6 +40,9 @@ METHOD_NAMES: tuple[str, ...] = (
     FASTER_SCORECAM,
     LAYERCAM,
     OCCLUSION,
+    BLUR_IG,
+    GUIDED_IG,
+    XRAI,
 )
 
 DEFAULT_GRAD_MODIFIER = "absolute"
@@ -63,6 +69,48 @@ DEFAULT_OCCLUSION_VALUE = 0.0
 def default_stride(window: int) -> int:
     """Occlusion's stride when the request sets none: half the window, at least 1."""
     return max(1, window // 2)
+
+
+# The path methods' defaults and bounds (PAIR's saliency library's defaults, but
+# the step count, which is the service's own for every path).
+DEFAULT_BLUR_MAX_SIGMA = 50.0
+MAX_BLUR_SIGMA = 1000.0
+DEFAULT_BLUR_GRAD_STEP = 0.01
+MAX_BLUR_GRAD_STEP = 1.0
+DEFAULT_GUIDED_FRACTION = 0.25
+DEFAULT_GUIDED_MAX_DIST = 0.02
+DEFAULT_XRAI_SCALES = (50.0, 100.0, 150.0, 250.0, 500.0, 1200.0)
+MAX_XRAI_SCALES = 16
+MAX_XRAI_SCALE = 100000.0
+DEFAULT_XRAI_SIGMA = 0.8
+MAX_XRAI_SIGMA = 10.0
+DEFAULT_XRAI_MIN_SIZE = 150
+MAX_XRAI_MIN_SIZE = 224 * 224  # pixels of the image Felzenszwalb's algorithm segments
+# Felzenszwalb's segments hold at least min_size of the 224x224 pixels each, so a
+# request makes at most scales * 50176 / min_size regions: bounded by this, as every
+# region is a mask of the image on the device.
+MAX_XRAI_REGIONS = 4096
+DEFAULT_XRAI_DILATION_RADIUS = 5
+MAX_XRAI_DILATION_RADIUS = 32
+DEFAULT_XRAI_AREA_THRESHOLD = 1.0
+
+
+def in_range(
+    field: str, value: float | None, default: float, low: float, high: float, low_open: bool
+) -> float:
+    """`value` (None: `default`) when `low < value <= high` (`low <= value` unless
+    `low_open`), else InvalidArgument naming `explanation.<field>` and the range.
+    """
+    if value is None:
+        return default
+    above = value > low if low_open else value >= low
+    if not (np.isfinite(value) and above and value <= high):
+        sign = "<" if low_open else "<="
+        raise InvalidArgument(
+            f"explanation.{field}={value:g} is out of range: use {low:g} {sign} {field} <= "
+            f"{high:g} (unset means {default:g})"
+        )
+    return float(value)
 
 
 # Element type of returned maps, by the short names the wire codec uses.
@@ -149,6 +197,17 @@ class ExplainOptions:
     # re-initialised with `randomize_seed` (0: the trained model).
     randomize_layers: int = 0
     randomize_seed: int = 0
+    # The path methods' own parameters (`explain.methods.paths`); None or (): the
+    # method's default.
+    blur_max_sigma: float | None = None
+    blur_grad_step: float | None = None
+    guided_fraction: float | None = None
+    guided_max_dist: float | None = None
+    xrai_scales: tuple[float, ...] = ()
+    xrai_sigma: float | None = None
+    xrai_min_size: int | None = None
+    xrai_dilation_radius: int | None = None
+    xrai_area_threshold: float | None = None
     # The fields above the request left unset (their defaults were filled in), so a
     # model's configured defaults can take their place (model_config.ExplainDefaults).
     unset: frozenset[str] = frozenset()
@@ -196,6 +255,16 @@ class ResolvedExplanation:
     window: int = 0
     stride: int = 0
     occlusion_value: float = 0.0
+    # The path methods' own parameters as computed; 0 or () for the other methods.
+    blur_max_sigma: float = 0.0
+    blur_grad_step: float = 0.0
+    guided_fraction: float = 0.0
+    guided_max_dist: float = 0.0
+    xrai_scales: tuple[float, ...] = ()
+    xrai_sigma: float = 0.0
+    xrai_min_size: int = 0
+    xrai_dilation_radius: int = 0
+    xrai_area_threshold: float = 0.0
 
 
 @dataclass

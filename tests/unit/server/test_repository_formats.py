@@ -71,6 +71,9 @@ def test_a_saved_model_is_its_signature_without_layers(repo: Path, name: str) ->
         "integrated-gradients",
         "gradient-x-input",
         "occlusion",  # forward passes only: no layer needed
+        "blur-ig",
+        "guided-ig",
+        "xrai",
     )
     assert runtime.backprop_modifiers() == ()
 
