@@ -129,9 +129,11 @@ def save_model(root: Path, name: str, model: Any, version: int = 1) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def server_factory() -> Iterator[Callable[..., RunningServer]]:
-    """Starts servers that live until the end of the session (one per call)."""
+    """Starts servers (one per call) that live until the test module that started them
+    ends: a module's servers never hold memory and threads through the rest of the run.
+    """
     stack: list[Any] = []
 
     def start(repository: Path | None, **settings: Any) -> RunningServer:
@@ -142,3 +144,12 @@ def server_factory() -> Iterator[Callable[..., RunningServer]]:
     yield start
     for context in reversed(stack):
         context.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def demo_server() -> Iterator[RunningServer]:
+    """One server on the bundled demo models, shared by every module that only calls
+    them (nothing reads its counters), so the suite loads and warms them up once.
+    """
+    with running_server(None) as running:
+        yield running

@@ -30,9 +30,8 @@ METHODS = ("vanilla", "gradcam", "guided-backprop")
 
 
 @pytest.fixture(scope="module")
-def served(server_factory: Any) -> RunningServer:
-    running: RunningServer = server_factory(None)  # the bundled demo models
-    return running
+def served(demo_server: RunningServer) -> RunningServer:
+    return demo_server  # the bundled demo models
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import RunningServer
+
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 CLI_MARKER = "<!-- cli-example: tests/e2e/test_readme_cli.py runs this block"
@@ -69,12 +71,12 @@ def test_the_readme_sets_the_target_once_and_every_client_example_is_run() -> No
 
 
 @pytest.fixture(scope="module")
-def ran(server_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def ran(demo_server: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Runs every marked example in order in one scratch directory."""
     venv = Path(sys.executable).parent.parent
     if not (venv / "bin" / "salience").exists():
         pytest.skip(f"no salience entry point in {venv}: install the package first")
-    served = server_factory(None)  # the bundled demo models
+    served = demo_server  # the bundled demo models
     work = tmp_path_factory.mktemp("readme")
     for name, target in (("docs", ROOT / "docs"), ("tests", ROOT / "tests"), (".venv", venv)):
         (work / name).symlink_to(target, target_is_directory=True)
@@ -130,7 +132,7 @@ def test_the_audit_and_bench_examples_wrote_their_files(ran: dict[str, Any]) -> 
 
     work: Path = ran["work"]
     figures = json.loads((work / "audit" / "audit.json").read_text())
-    assert figures["images"] == 64
+    assert figures["images"] == 16  # the README's --count
     assert set(figures["models"]) == {"shapes", "shapes-spurious"}
     assert (work / "audit" / "audit.html").stat().st_size > 0
     with Image.open(work / "audit" / "energy.png") as png:

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from tests.conftest import RunningServer
+
 README = Path(__file__).resolve().parents[2] / "README.md"
 MARKER = "<!-- raw-stub-example:"
 
@@ -25,8 +27,8 @@ def readme_example() -> str:
     return match.group(1)
 
 
-def test_the_raw_stub_example_runs_and_matches_the_client(server_factory: Any) -> None:
-    served = server_factory(None)
+def test_the_raw_stub_example_runs_and_matches_the_client(demo_server: RunningServer) -> None:
+    served = demo_server
     code = readme_example()
     assert "salience_client" not in code  # the point: stubs alone
     assert code.count('"localhost:50051"') == 1

@@ -42,12 +42,14 @@ WAIT_S = 20
 
 @pytest.fixture(scope="module", params=["embedded", "linked"])
 def reviewed(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, server_factory: Any
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    demo_server: RunningServer,
 ) -> Path:
     """The report of a review of the demo clip, made by the command line: with its
     strips embedded (the default), and linking the PNGs instead (--link-strips).
     """
-    served: RunningServer = server_factory(None)
+    served = demo_server
     root = tmp_path_factory.mktemp("chromium-review")
     images, _ = driving_clip()
     write_frames(root / "frames", images)

@@ -16,7 +16,6 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -52,9 +51,8 @@ class Clip:
 
 
 @pytest.fixture(scope="module")
-def served(server_factory: Any) -> RunningServer:
-    running: RunningServer = server_factory(None)  # the bundled demo models
-    return running
+def served(demo_server: RunningServer) -> RunningServer:
+    return demo_server  # the bundled demo models
 
 
 @pytest.fixture(scope="module")

@@ -3,20 +3,19 @@ maps say something true about the images they explain."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pytest
 
 from salience_client import SalienceClient
 from salience_server.demo.data import SHAPE_CLASSES, generate_roads, generate_shapes
+from tests.conftest import RunningServer
 
 EPS = 1e-7
 
 
 @pytest.fixture(scope="module")
-def client(server_factory: Any) -> SalienceClient:
-    return server_factory(None).client()
+def client(demo_server: RunningServer) -> SalienceClient:
+    return demo_server.client()
 
 
 def test_bundled_models_are_served_by_default(client: SalienceClient) -> None:

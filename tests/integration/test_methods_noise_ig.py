@@ -21,7 +21,7 @@ import pytest
 
 from salience_client import Objective, SalienceClient
 from salience_server.demo.data import generate_roads, generate_shapes
-from tests.conftest import save_model
+from tests.conftest import RunningServer, save_model
 from tests.integration.models import LINEAR_SHAPE, build_repository, modify, reference_map
 
 SQUARE_SHAPE = (4, 3, 2)
@@ -53,8 +53,8 @@ def client(repo: Path, server_factory: Any) -> SalienceClient:
 
 
 @pytest.fixture(scope="module")
-def demo_client(server_factory: Any) -> SalienceClient:
-    return server_factory(None).client()
+def demo_client(demo_server: RunningServer) -> SalienceClient:
+    return demo_server.client()
 
 
 def kernel(repo: Path, model: str, unit: int, shape: tuple[int, ...]) -> np.ndarray:
