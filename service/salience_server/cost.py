@@ -7,11 +7,14 @@ forward and backward) pass of the model. A request's cost is
 
 - `rows`: its batch (first axis);
 - `evaluations`: the model passes each row needs: 1 for a Predict and for the
-  single-gradient methods (vanilla, gradient × input, the CAM family), the number
+  single-gradient methods (vanilla, gradient × input, Grad-CAM and Layer-CAM), the number
   of noisy copies for SmoothGrad (`samples`), the points of the path for
-  Integrated Gradients (`steps + 1`). Objectives are summed into one score, so
-  they share one backward pass, and a randomised copy of the model replaces the
-  model rather than adding to it: neither multiplies the cost;
+  Integrated Gradients (`steps + 1`) and the other path methods (their `steps`),
+  the scored channels plus one for Score-CAM and Faster-ScoreCAM, the window
+  positions plus one for occlusion (inputs with fixed spatial axes). Objectives
+  are summed into one score, so they share one backward pass, and a randomised
+  copy of the model replaces the model rather than adding to it: neither
+  multiplies the cost;
 - `elements`: the elements of one row of all its inputs, as sent.
 
 Its maps' bytes are `rows × elements of the explained input × grad modifiers ×
@@ -32,8 +35,25 @@ from dataclasses import dataclass
 import numpy as np
 
 from salience_server.errors import InvalidArgument
-from salience_server.explain.options import INTEGRATED_GRADIENTS
+from salience_server.explain.options import (
+    BLUR_IG,
+    FASTER_SCORECAM,
+    GUIDED_IG,
+    INTEGRATED_GRADIENTS,
+    OCCLUSION,
+    SCORECAM,
+    XRAI,
+)
 from salience_server.explain.plan import COPIES, Plan
+
+# Path methods whose passes per row are their `steps` (XRAI's times its baselines).
+PATH_METHODS = frozenset({BLUR_IG, GUIDED_IG, XRAI})
+# How to ask for fewer passes where they are not a count the request gives.
+FEWER_PASSES = {
+    SCORECAM: "faster-scorecam with fewer top_channels",
+    FASTER_SCORECAM: "fewer top_channels",
+    OCCLUSION: "a larger window or stride",
+}
 
 # Bytes per element of each map dtype (output_dtype).
 MAP_ITEMSIZE = {"float32": 4, "float16": 2, "uint8": 1}
@@ -80,7 +100,11 @@ def predict_cost(inputs: Sequence[np.ndarray]) -> Cost:
 
 
 def evaluations(plan: Plan) -> int:
-    """Model passes per row of a planned explanation: its count of copies, else 1."""
+    """Model passes per row of a planned explanation: what the plan states, else its
+    count of copies, else 1.
+    """
+    if plan.evaluations:
+        return plan.evaluations
     copies = plan.params.get(COPIES)
     return max(1, int(np.max(copies))) if copies is not None and copies.size else 1
 
@@ -108,9 +132,15 @@ def check(cost: Cost, limits: CostLimits, what: str) -> None:
         hints = []
         if cost.evaluations > 1:
             fit = cap // (cost.rows * cost.elements)
-            count, most = ("steps", fit - 1) if what == INTEGRATED_GRADIENTS else ("samples", fit)
-            room = f" (at most {most} at this size)" if most >= 1 else ""
-            hints.append(f"fewer {count}{room}")
+            if what in FEWER_PASSES:
+                hints.append(FEWER_PASSES[what])
+            else:
+                count, most = (
+                    ("steps", fit - 1) if what == INTEGRATED_GRADIENTS else
+                    ("steps", fit) if what in PATH_METHODS else ("samples", fit)
+                )  # fmt: skip
+                room = f" (at most {most} at this size)" if most >= 1 else ""
+                hints.append(f"fewer {count}{room}")
         hints += ["fewer rows", "a smaller input"]
         raise InvalidArgument(
             f"the {what} request costs {cost.total} element-evaluations ({cost.rows} rows"

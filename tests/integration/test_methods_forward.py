@@ -390,3 +390,47 @@ def test_occlusion_slides_over_one_or_three_spatial_axes(
     want = occlusion_by_hand(kernel[:, 0].reshape(shape), x.astype(np.float64), 2, 2, 0.3)
     assert got.maps["none"].shape == (2, *shape[:-1])
     np.testing.assert_allclose(got.maps["none"], want, rtol=1e-4, atol=1e-5)
+
+
+# The cost model ------------------------------------------------------------------------
+
+
+def test_the_cost_model_counts_score_cam_channels_and_occlusion_windows(
+    repo: Path, server_factory: Any
+) -> None:
+    """Score-CAM makes one forward pass per scored channel and occlusion one per window
+    position, each plus the unmasked pass: the cost model admits by those counts.
+    """
+    import grpc
+
+    from salience_client import SalienceError
+
+    client = server_factory(repo, max_request_cost=300).client()
+    x = images(1)  # 6×6×2 = 72 input elements
+    # conv3 has 4 channels: 5 passes, 360 element-evaluations.
+    with pytest.raises(SalienceError) as refused:
+        client.explain("convnet", x, method="scorecam", penultimate_layer="conv3")
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details == (
+        "the scorecam request costs 360 element-evaluations (1 rows × 5 evaluations × 72 "
+        "input elements per row), over the server's max_request_cost=300: send "
+        "faster-scorecam with fewer top_channels, fewer rows or a smaller input"
+    )
+    # Two kept channels: 3 passes, 216.
+    kept = client.explain(
+        "convnet", x, method="faster-scorecam", penultimate_layer="conv3", top_channels=2
+    )
+    assert kept.resolved.top_channels == 2
+    # Windows of 2 with stride 1 over 6×5: 5 × 4 positions + 1 = 21 passes × 60 elements.
+    y = images(1, LINEAR)
+    with pytest.raises(SalienceError) as windows:
+        client.explain("linear", y, method="occlusion", window=2, stride=1)
+    assert windows.value.details.startswith(
+        "the occlusion request costs 1260 element-evaluations (1 rows × 21 evaluations × 60 "
+    )
+    assert windows.value.details.endswith(
+        "send a larger window or stride, fewer rows or a smaller input"
+    )
+    # Windows of 5 with stride 5: 2 positions + 1 = 3 passes, 180.
+    wide = client.explain("linear", y, method="occlusion", window=5, stride=5)
+    assert (wide.resolved.window, wide.resolved.stride) == (5, 5)

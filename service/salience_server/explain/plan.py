@@ -74,3 +74,7 @@ class Plan:
     # takes as tensors but that set how much work a call does (SmoothGrad's samples,
     # Integrated Gradients' steps), so a call never runs to another request's count.
     share: tuple[Any, ...] = ()
+    # Model passes per row when they are not a count of copies (`COPIES`): Score-CAM's
+    # masked copies, occlusion's windows, each plus the unmasked pass. 0: from the
+    # copies, else 1. The cost model (`cost`) admits and schedules by it.
+    evaluations: int = 0

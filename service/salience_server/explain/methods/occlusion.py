@@ -155,6 +155,11 @@ class Occlusion(Method):
         plan.params[VALUE] = per_sample(np.array(value, np.float32), batch)
         # Window and stride set the number of copies: only equal ones share a call.
         plan.share = (window, stride)
+        if not free:
+            # One forward pass per window position, and the unoccluded one (with free
+            # spatial axes the count is only known when computed: max_windows bounds it).
+            fixed = [int(n) for n in sizes if n is not None]
+            plan.evaluations = window_count(fixed, window, stride) + 1
         plan.resolved = replace(
             plan.resolved,
             channels_reduced=True,

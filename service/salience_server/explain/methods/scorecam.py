@@ -142,6 +142,8 @@ class ScoreCam(Method):
             plan.params[TOP] = per_sample(np.array(top, np.int32), batch)
             # k sets the shape of the kept activations: only equal k share a call.
             plan.share = (top,)
+        # One forward pass per scored channel, and the unmasked one.
+        plan.evaluations = (top or channels) + 1
         plan.resolved = replace(
             plan.resolved,
             penultimate_layer=layer.name,
