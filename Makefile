@@ -79,10 +79,31 @@ lint: install-test
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# The suite, then the image test (marker `image`, left out of a plain `pytest`): it
-# starts a Docker engine of its own, so it runs on its own, after the rest.
+# The integration tests that prove every guarantee with `--frontends 2` too (front-end
+# processes over a device owner): routing under concurrency with cancellations, the
+# deadline shed, a full queue, failure isolation, SIGTERM drain, hot reload, streams,
+# TLS and tokens, metrics, the port's bind; about 3 minutes.
+FRONTENDS_SUBSET = \
+	tests/integration/test_batching.py \
+	tests/integration/test_model_failure.py::test_a_failing_input_fails_only_its_own_request_in_a_merged_device_call \
+	tests/integration/test_shutdown.py::test_sigterm_under_load_answers_every_in_flight_call_and_exits_0_within_the_grace \
+	tests/integration/test_hot_reload.py::test_a_new_version_takes_over_and_its_removal_hands_back \
+	tests/integration/test_hot_reload.py::test_a_request_in_flight_during_a_swap_finishes_on_its_version \
+	tests/integration/test_stream.py::test_frames_come_back_in_order_equal_to_unary_and_batched \
+	tests/integration/test_stream.py::test_the_window_holds_reading_back_until_answers_leave \
+	tests/integration/test_stream.py::test_cancelling_mid_stream_frees_the_server \
+	tests/integration/test_security.py::test_the_right_token_over_tls_is_answered \
+	tests/integration/test_security.py::test_missing_wrong_and_malformed_tokens_are_unauthenticated_and_leave_no_trace \
+	tests/integration/test_metrics.py::test_scraped_metrics_match_the_traffic_sent \
+	tests/integration/test_bind.py \
+	tests/integration/test_server.py
+
+# The suite, then its front-end subset with `--frontends 2`, then the image test
+# (marker `image`, left out of a plain `pytest`): it starts a Docker engine of its
+# own, so it runs on its own, after the rest.
 test: lint
 	$(BIN)/pytest -q
+	SALIENCE_TEST_FRONTENDS=2 $(BIN)/pytest -q $(FRONTENDS_SUBSET)
 	$(MAKE) --no-print-directory image-test
 
 # The image, with the engine DOCKER_HOST names (on the stand-in base when no registry

@@ -143,6 +143,30 @@ class Owner:
         self.pending.clear()
 
 
+class ToOwner(logging.Handler):
+    """Sends this process's log records to the owner, which logs them as its own:
+    one log for the whole server (and one rate limit). Before the owner answers,
+    and once it is gone, records go to stderr.
+    """
+
+    def __init__(self, owner: Owner, fallback: logging.Handler) -> None:
+        super().__init__()
+        self.owner = owner
+        self.fallback = fallback
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.owner.lost or self.owner.writer is None or self.owner.state is None:
+            self.fallback.handle(record)
+            return
+        try:
+            message = record.getMessage()
+            if record.exc_info:
+                message += "\n" + logging.Formatter().formatException(record.exc_info)
+            self.owner.send(wire.frame(("log", record.name, record.levelno, message)))
+        except Exception:
+            self.handleError(record)
+
+
 class RemoteCore(InferenceCore):
     """`InferenceCore`'s API over the device owner: requests are resolved, admitted,
     checked and computed there; readiness and the repository come from its state.
@@ -323,9 +347,12 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     frontend = FrontEnd(directory, index, port)
     settings = frontend.settings
+    stderr = logging.StreamHandler()
+    stderr.setFormatter(
+        logging.Formatter(f"%(asctime)s %(levelname)s %(name)s[front end {index}]: %(message)s")
+    )
     logging.basicConfig(
-        level=settings.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s %(name)s[{index}]: %(message)s",
+        level=settings.log_level.upper(), handlers=[ToOwner(frontend.owner, stderr)]
     )
     limiter = install_limiter(settings.log_repeat_burst, settings.log_repeat_window_seconds)
     try:

@@ -402,12 +402,15 @@ class FrontEnds:
             task = asyncio.create_task(self._serve(link, message))
             link.tasks[call_id] = task
         elif kind == "cancel":
-            task = link.tasks.get(message[1])
-            if task is not None:
-                task.cancel()
+            running = link.tasks.get(message[1])
+            if running is not None:
+                running.cancel()
         elif kind == "free":
             for block in message[1]:
                 link.allocator.free(block)
+        elif kind == "log":
+            _, name, level, text = message
+            logging.getLogger(name).log(level, "%s", text)
         elif kind == "listening":
             self._listening[link.index].set()
 
@@ -417,6 +420,7 @@ class FrontEnds:
         assert core is not None
         try:
             try:
+                result: Any
                 if kind == "predict":
                     runtime, result = await core.predict(name, version, arrays, message[5])
                 else:
