@@ -19,6 +19,7 @@ import itertools
 import logging
 import os
 import pickle
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -338,6 +339,9 @@ class FrontEnd:
         arena.close()
         with contextlib.suppress(OSError):
             arena.path.unlink()
+        if self.owner.lost and self.owner.stop_grace is None:
+            # The owner died without cleaning up: nobody else will (shared memory).
+            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:
