@@ -93,6 +93,14 @@ class Owner:
         try:
             result: tuple[RemoteModel, Any] = await future
             return result
+        except RemoteFailure:
+            # As the interceptor answers an unexpected failure; the owner logged it.
+            call = errors._CALL.get()
+            rpc = call.rpc if call is not None else "the call"
+            raise ServiceError(
+                f"internal error while serving {rpc}; the server log has the details",
+                grpc.StatusCode.INTERNAL,
+            ) from None
         except asyncio.CancelledError:
             # The owner drops it (out of the queue, never computed) and says so; the
             # inputs' blocks are freed then, once it no longer reads them.
@@ -133,6 +141,7 @@ class Owner:
             future.set_exception(cls(text, grpc.StatusCode[code]))
         else:
             future.set_exception(RemoteFailure(message[2]))
+            future.exception()  # retrieved: `call` turns it into INTERNAL
         return kind
 
     def lose(self) -> None:

@@ -447,7 +447,8 @@ class FrontEnds:
             # The front end cancelled it (or is gone): it only needs to know it is over.
             link.send(wire.frame(("error", call_id, "ServiceError", "CANCELLED", "cancelled")))
         except Exception as err:
-            log.exception("unexpected failure serving a front end's %s", kind)
+            # Logged here, with the traceback; the front end answers INTERNAL without it.
+            log.exception("unexpected failure in %s (for front end %d)", kind, link.index)
             link.send(wire.frame(("internal", call_id, f"{type(err).__name__}: {err}")))
         finally:
             link.tasks.pop(call_id, None)
