@@ -112,9 +112,16 @@ class FrontEndMetrics(Collector):
 
     def __init__(self, directory: Path) -> None:
         self.files = multiprocess.MultiProcessCollector(None, str(directory))
+        self.frozen: list[Metric] | None = None
+
+    def freeze(self) -> None:
+        """The front ends are gone and their files are about to be: what they counted
+        stays readable in the owner's registry, as one process's counts do after stop.
+        """
+        self.frozen = list(self.files.collect())
 
     def collect(self) -> Iterator[Metric]:
-        return iter(self.files.collect())
+        return iter(self.frozen if self.frozen is not None else self.files.collect())
 
 
 class MergedCollector(Collector):
@@ -181,7 +188,8 @@ class FrontEnds:
         self._state: State | None = None
         self._listening: dict[int, asyncio.Event] = {}
         # The front ends' RPC metrics join this process's, on its /metrics too.
-        server.metrics.registry.register(FrontEndMetrics(self.metrics_dir))
+        self._metrics = FrontEndMetrics(self.metrics_dir)
+        server.metrics.registry.register(self._metrics)
         exposed = CollectorRegistry()
         exposed.register(MergedCollector(server.metrics.registry))
         server.metrics.exposed = exposed
@@ -488,4 +496,5 @@ class FrontEnds:
         if self._reservation is not None:
             self._reservation.close()
             self._reservation = None
+        self._metrics.freeze()
         shutil.rmtree(self.directory, ignore_errors=True)
