@@ -79,10 +79,38 @@ lint: install-test
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# The suite, then the image test (marker `image`, left out of a plain `pytest`): it
-# starts a Docker engine of its own, so it runs on its own, after the rest.
+# The integration tests that prove every guarantee with `--frontends 2` too (front-end
+# processes over a device owner): routing under concurrency with cancellations, the
+# deadline shed, a full queue, failure isolation, SIGTERM drain, hot reload, streams,
+# TLS and tokens, metrics, the port's bind, the Open Inference Protocol; about 3
+# minutes on an idle machine.
+FRONTENDS_SUBSET = \
+	tests/integration/test_batching.py::test_held_mixed_requests_each_get_their_own_result_and_cancelled_ones_never_compute \
+	tests/integration/test_batching.py::test_a_full_queue_refuses_at_once_with_resource_exhausted \
+	tests/integration/test_batching.py::test_expired_requests_are_shed_before_the_device \
+	tests/integration/test_model_failure.py::test_a_failing_input_fails_only_its_own_request_in_a_merged_device_call \
+	tests/integration/test_shutdown.py::test_sigterm_under_load_answers_every_in_flight_call_and_exits_0_within_the_grace \
+	tests/integration/test_hot_reload.py::test_a_new_version_takes_over_and_its_removal_hands_back \
+	tests/integration/test_hot_reload.py::test_a_request_in_flight_during_a_swap_finishes_on_its_version \
+	tests/integration/test_stream.py::test_frames_come_back_in_order_equal_to_unary_and_batched \
+	tests/integration/test_stream.py::test_the_window_holds_reading_back_until_answers_leave \
+	tests/integration/test_stream.py::test_cancelling_mid_stream_frees_the_server \
+	tests/integration/test_security.py::test_the_right_token_over_tls_is_answered \
+	tests/integration/test_security.py::test_missing_wrong_and_malformed_tokens_are_unauthenticated_and_leave_no_trace \
+	tests/integration/test_metrics.py::test_scraped_metrics_match_the_traffic_sent \
+	tests/integration/test_bind.py::test_a_taken_grpc_port_is_named_with_its_setting \
+	tests/integration/test_bind.py::test_a_port_another_salience_server_holds_is_refused_not_shared \
+	tests/integration/test_server.py \
+	tests/integration/test_oip.py::test_liveness_readiness_and_server_metadata \
+	tests/integration/test_oip.py::test_model_metadata_describes_inputs_and_outputs \
+	tests/integration/test_oip.py::test_saliency_outputs_equal_explain_and_the_reference
+
+# The suite, then its front-end subset with `--frontends 2`, then the image test
+# (marker `image`, left out of a plain `pytest`): it starts a Docker engine of its
+# own, so it runs on its own, after the rest.
 test: lint
 	$(BIN)/pytest -q
+	SALIENCE_TEST_FRONTENDS=2 $(BIN)/pytest -q $(FRONTENDS_SUBSET)
 	$(MAKE) --no-print-directory image-test
 
 # The image, with the engine DOCKER_HOST names (on the stand-in base when no registry

@@ -24,6 +24,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # that a GPU TensorFlow cannot see fails start-up instead of running on the CPU.
 TEST_DEVICES = ("auto", "cpu", "gpu")
 TEST_DEVICE = os.environ.get("SALIENCE_TEST_DEVICE", "auto").strip().lower()
+# Front-end processes of every test server (`--frontends`): 1, the single-process
+# server; 2 or more, TensorFlow-free front ends over a device owner (the test
+# process). `make test` runs a subset of tests/integration with 2 as well.
+TEST_FRONTENDS = int(os.environ.get("SALIENCE_TEST_FRONTENDS", "1"))
 if TEST_DEVICE not in TEST_DEVICES:
     raise RuntimeError(
         f"SALIENCE_TEST_DEVICE={TEST_DEVICE!r} is not allowed: use {', '.join(TEST_DEVICES)}"
@@ -95,7 +99,13 @@ def running_server(
     from salience_server.app import SalienceServer
     from salience_server.settings import Settings
 
-    values = {"host": "127.0.0.1", "port": 0, "metrics_port": -1, "device": TEST_DEVICE}
+    values = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "metrics_port": -1,
+        "device": TEST_DEVICE,
+        "frontends": TEST_FRONTENDS,
+    }
     values.update(settings)
     if repository is not None:
         values["model_repository"] = repository

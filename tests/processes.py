@@ -66,7 +66,8 @@ def salience_serve(
     command = [
         sys.executable, "-m", "salience_client.cli", "serve",
         "--model-repository", str(repo), "--host", "127.0.0.1", "--port", "0",
-        "--metrics-port", "0", "--repository-poll-seconds", "0", *flags,
+        "--metrics-port", "0", "--repository-poll-seconds", "0",
+        "--frontends", os.environ.get("SALIENCE_TEST_FRONTENDS", "1"), *flags,
     ]  # fmt: skip
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)

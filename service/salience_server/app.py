@@ -33,29 +33,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import signal
-import socket
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from grpc import aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from inference.v2 import grpc_service_pb2_grpc
-from salience.v1 import salience_pb2, salience_pb2_grpc
-from salience_server import connections, devices, logs
+from salience_server import connections, devices, frontdoor, logs
 from salience_server.core import InferenceCore
 from salience_server.demo import bundled_repository
 from salience_server.devices import Placement
-from salience_server.errors import Call, ErrorInterceptor
+from salience_server.errors import Call
+from salience_server.frontdoor import MIN_CLIENT_PING_INTERVAL_MS, SERVICE_NAME, BindError
 from salience_server.logs import RepeatLimiter
 from salience_server.metrics import Metrics
-from salience_server.oip import SERVICE_NAME as OIP_SERVICE_NAME
-from salience_server.oip import OipServicer
 from salience_server.plugins import load_plugins
 from salience_server.reload import RepositoryWatcher, cancel
 from salience_server.repository import (
@@ -67,17 +63,14 @@ from salience_server.repository import (
     scan,
 )
 from salience_server.security import load_security, metrics_security
-from salience_server.servicer import SalienceServicer
 from salience_server.settings import Settings
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from salience_server.procs.owner import FrontEnds
 
-SERVICE_NAME = salience_pb2.DESCRIPTOR.services_by_name["Salience"].full_name
-# Clients may ping an idle connection every 10 s or more (the salience client pings
-# after 30 s without traffic, to notice connections dropped by NATs and load
-# balancers); gRPC's server defaults — 5 min, and no pings at all without calls in
-# flight — answer such pings with GOAWAY too_many_pings.
-MIN_CLIENT_PING_INTERVAL_MS = 10_000
+__all__ = ["MIN_CLIENT_PING_INTERVAL_MS", "SERVICE_NAME", "BindError", "SalienceServer", "run"]
+
+log = logging.getLogger(__name__)
 
 
 class SalienceServer:
@@ -95,6 +88,7 @@ class SalienceServer:
         self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
         self._repository = repository
         self._server: aio.Server | None = None
+        self._frontends: FrontEnds | None = None  # with settings.frontends > 1
         self._health: health.aio.HealthServicer | None = None
         self.core: InferenceCore | None = None
         self.placement = Placement()
@@ -178,60 +172,30 @@ class SalienceServer:
             f" (raised from {before})" if fd_limit != before else "",
             cap,
         )
-        limit = self.settings.max_message_bytes
-        options: list[tuple[str, int]] = [
-            # The port is this server's alone: with gRPC's default SO_REUSEPORT a second
-            # server started on a taken port would bind it too and split the traffic
-            # silently; without it, that second bind fails and is refused (BindError).
-            ("grpc.so_reuseport", 0),
-            *connections.channel_options(self.settings, cap),
-            ("grpc.max_send_message_length", limit),
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
-            # One connection cannot hold an unbounded number of calls (and their
-            # streams' windows of frames); other connections are not affected.
-            ("grpc.max_concurrent_streams", self.settings.max_concurrent_streams),
-        ]
-        if self.settings.max_connection_age_seconds > 0:
-            options += [
-                (
-                    "grpc.max_connection_age_ms",
-                    round(self.settings.max_connection_age_seconds * 1e3),
-                ),
-                (
-                    "grpc.max_connection_age_grace_ms",
-                    round(self.settings.shutdown_grace_seconds * 1e3),
-                ),
-            ]
-        interceptors: list[aio.ServerInterceptor] = [ErrorInterceptor(self._observe)]
-        if security.interceptor is not None:
-            # Inside the error interceptor, which so counts refused calls as UNAUTHENTICATED.
-            interceptors.append(security.interceptor)
-        server = aio.server(interceptors=interceptors, options=options)
-        salience_pb2_grpc.add_SalienceServicer_to_server(SalienceServicer(self.core), server)
-        # The Open Inference Protocol on the same port, over the same core.
-        oip = OipServicer(
-            self.core, lambda: self._serving and not self._stopping, lambda: self._stopping
-        )
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(oip, server)
-        self._health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, OIP_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-        )
-        address = f"{self.settings.host}:{self.settings.port}"
-        try:
-            if security.credentials is None:
-                self.port = server.add_insecure_port(address)
-            else:
-                self.port = server.add_secure_port(address, security.credentials)
-        except RuntimeError as err:  # grpcio reports a failed bind as a bare RuntimeError
-            raise BindError("gRPC", address, "port", str(err)) from None
-        for service in ("", SERVICE_NAME, *self._model_services(expected)):
-            await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await server.start()
-        self._server = server
+        if self.settings.frontends > 1:
+            # Front-end processes serve the port; this one owns the device (`procs`).
+            from salience_server.procs.owner import FrontEnds, MirroredHealth
+
+            self._health = MirroredHealth()
+            for service in ("", SERVICE_NAME, *self._model_services(expected)):
+                await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+            self._frontends = FrontEnds(self, security, cap)
+            self.port = await self._frontends.start()
+        else:
+            server, self._health = frontdoor.build_server(
+                self.settings,
+                security,
+                self.core,
+                self._observe,
+                cap,
+                lambda: self._serving and not self._stopping,
+                lambda: self._stopping,
+            )
+            self.port = frontdoor.bind(server, self.settings, security, self.settings.port)
+            for service in ("", SERVICE_NAME, *self._model_services(expected)):
+                await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+            await server.start()
+            self._server = server
         if self.placement.is_gpu:
             device = self.placement.device
             self.metrics.track_device_memory(device, lambda: devices.memory_info(device))
@@ -246,8 +210,12 @@ class SalienceServer:
             except OSError as err:
                 # Stopped before refusing: a started gRPC server left for the garbage
                 # collector fails noisily once the event loop is gone.
-                await server.stop(0)
-                self._server = None
+                if self._server is not None:
+                    await self._server.stop(0)
+                    self._server = None
+                if self._frontends is not None:
+                    await self._frontends.stop(0)
+                    self._frontends = None
                 host = self.settings.metrics_host or self.settings.host
                 address = f"{host}:{self.settings.metrics_port}"
                 raise BindError(
@@ -381,7 +349,7 @@ class SalienceServer:
         """Ordered shutdown: refuse new requests and go NOT_SERVING, let in-flight
         calls finish within the grace, then release the models.
         """
-        if self._server is None:
+        if self._server is None and self._frontends is None:
             return
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         self._stopping = True
@@ -403,13 +371,18 @@ class SalienceServer:
         await cancel(self._watching)
         if self.core is not None:
             self.core.drain()  # again: batchers a reload made meanwhile
-        await self._stop_serving(self._server, grace)
+        if self._frontends is not None:
+            # Each front end lets its calls finish within the grace, then stops.
+            await self._frontends.stop(grace)
+        elif self._server is not None:
+            await self._stop_serving(self._server, grace)
         if self.watcher is not None:
             await self.watcher.aclose()  # versions being retired, now without requests
         if self.core is not None:
             await self.core.aclose()
         self.metrics.close()
         self._server = None
+        self._frontends = None
         log.info("stopped")
 
     async def _stop_serving(self, server: aio.Server, grace: float) -> None:
@@ -429,38 +402,6 @@ class SalienceServer:
     async def wait_for_termination(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
-
-
-def _held(address: str) -> bool:
-    """Whether something else listens on `address` (host:port) now: a plain bind of
-    it fails with EADDRINUSE.
-    """
-    host, _, port = address.rpartition(":")
-    try:
-        family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.bind((host.strip("[]"), int(port)))
-    except OSError as err:
-        return err.errno == errno.EADDRINUSE
-    except ValueError:
-        return False
-    return False
-
-
-class BindError(OSError):
-    """A port the server cannot listen on: names the setting that chose it, its
-    address, and what to do about it.
-    """
-
-    def __init__(self, what: str, address: str, setting: str, reason: str) -> None:
-        flag = "--" + setting.replace("_", "-")
-        env = "SALIENCE_" + setting.upper()
-        cause = "another process holds it" if _held(address) else reason
-        super().__init__(
-            f"cannot listen for {what} on {address} ({flag} / {env}): {cause}. "
-            f"Choose a free port with {flag} or {env} (0 picks one), or stop the process "
-            "that holds it"
-        )
 
 
 async def run(settings: Settings, limiter: RepeatLimiter | None = None) -> None:

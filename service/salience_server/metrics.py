@@ -58,6 +58,9 @@ class Metrics:
         self._by_rpc: dict[str, tuple[Any, Any, Any]] = {}
         self._call_children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
         self._http: _MetricsServer | None = None  # the /metrics endpoint, once served
+        # What /metrics shows: the registry, or with front-end processes the registry
+        # and theirs merged (`procs.owner`).
+        self.exposed: CollectorRegistry = registry
         # `model` is a model the repository knows, else "" (a caller cannot grow the
         # label set by naming models); `method` is the explanation method for
         # Explain, "predict" for Predict and "" for the other RPCs.
@@ -93,6 +96,8 @@ class Metrics:
             "RPCs received and not yet answered",
             ["rpc"],
             registry=registry,
+            # Front-end processes (`procs`): the sum over those alive.
+            multiprocess_mode="livesum",
         )
         self.compute_seconds = Histogram(
             "salience_compute_duration_seconds",
@@ -262,7 +267,7 @@ class Metrics:
         whose SHA-256 digest is one of `token_digests`, when given) on a daemon
         thread; returns the bound port.
         """
-        app = make_wsgi_app(self.registry)
+        app = make_wsgi_app(self.exposed)
         if token_digests:
             app = _bearer_guard(app, tuple(token_digests))
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

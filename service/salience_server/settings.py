@@ -284,6 +284,15 @@ class Settings:
             "at once with INVALID_ARGUMENT"
         ),
     )
+    frontends: int = field(
+        default=1,
+        metadata=_doc(
+            "Front-end processes serving the gRPC port (1: one process does everything); "
+            "2 or more: that many TensorFlow-free processes decode, check and encode "
+            "requests over one device-owner process that holds the models. Raise it on "
+            "many-core hosts whose one process is CPU-bound (README: Process layout)"
+        ),
+    )
     worker_threads: int = field(
         default=2,
         metadata=_doc(
@@ -452,6 +461,8 @@ class Settings:
             )
         if not 0 <= self.port <= 65535:
             raise SettingsError(f"port={self.port} is out of range: use 0..65535")
+        if not 1 <= self.frontends <= 64:
+            raise SettingsError(f"frontends={self.frontends} is out of range: use 1..64")
         if not -1 <= self.metrics_port <= 65535:
             raise SettingsError(
                 f"metrics_port={self.metrics_port} is out of range: use -1 (off) or 0..65535"

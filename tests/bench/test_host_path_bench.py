@@ -104,6 +104,35 @@ def tree_cpu_seconds(root: int) -> float:
     return total
 
 
+def tree_cpu_by_pid(root: int) -> dict[int, float]:
+    """CPU seconds of each process of `root`'s tree, as /proc has them now."""
+    out = {}
+    for pid in tree_pids(root):
+        found = _stat(pid)
+        if found is not None:
+            out[pid] = found[1]
+    return out
+
+
+def frontend_pids(root: int) -> list[int]:
+    """The front-end processes (`--frontends N`) below `root`."""
+    found = []
+    for pid in tree_pids(root):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"salience_server.procs.frontend" in command:
+            found.append(pid)
+    return found
+
+
+def rss_bytes(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    line = next(line for line in status.splitlines() if line.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
+
+
 def tree_pids(root: int) -> list[int]:
     parents = {}
     for entry in Path("/proc").iterdir():
@@ -189,6 +218,8 @@ class Window:
     seconds: float
     p50_ms: float
     p99_ms: float
+    owner_cpu_seconds: float = 0.0  # the serve process alone (the device owner)
+    frontend_cpu_seconds: float = 0.0  # its front-end processes, together
     samples: float = 0.0  # device-call samples (service)
     calls: float = 0.0  # device calls (service)
     padding: float = 0.0  # pad rows computed with them (service)
@@ -196,6 +227,14 @@ class Window:
     @property
     def cpu_ms_per_request(self) -> float:
         return 1000 * self.cpu_seconds / max(self.requests, 1)
+
+    @property
+    def owner_ms_per_request(self) -> float:
+        return 1000 * self.owner_cpu_seconds / max(self.requests, 1)
+
+    @property
+    def frontend_ms_per_request(self) -> float:
+        return 1000 * self.frontend_cpu_seconds / max(self.requests, 1)
 
     @property
     def throughput(self) -> float:
@@ -228,6 +267,7 @@ def load_window(
 
     before_batch = server.batch_totals(model)
     before = tree_cpu_seconds(server.pid)
+    by_pid = tree_cpu_by_pid(server.pid)
     result = bench.run(
         bench.Load(
             target=server.target,
@@ -239,6 +279,10 @@ def load_window(
         progress=False,
     )
     cpu = tree_cpu_seconds(server.pid) - before
+    by_pid_after = tree_cpu_by_pid(server.pid)
+    frontends = set(frontend_pids(server.pid))
+    frontend_cpu = sum(by_pid_after[p] - by_pid.get(p, 0.0) for p in frontends & set(by_pid_after))
+    owner_cpu = by_pid_after.get(server.pid, 0.0) - by_pid.get(server.pid, 0.0)
     after_batch = server.batch_totals(model)
     assert result.codes == Counter({"OK": result.ok}), result.codes  # every request OK
     lat = np.asarray(result.ok_latencies) * 1000
@@ -248,6 +292,8 @@ def load_window(
         seconds=result.elapsed,
         p50_ms=float(np.percentile(lat, 50)),
         p99_ms=float(np.percentile(lat, 99)),
+        owner_cpu_seconds=owner_cpu,
+        frontend_cpu_seconds=frontend_cpu,
         samples=after_batch[0] - before_batch[0],
         calls=after_batch[1] - before_batch[1],
         padding=after_batch[2] - before_batch[2],
@@ -425,6 +471,26 @@ def test_host_path_against_the_floor(frontends: int, repo: Path, tmp_path: Path)
                 f"  overhead {overhead:6.3f} ms/request = {ratio:.2f}x the floor "
                 f"(target <= {TARGETS[rpc]:g}x: {'met' if ratio <= TARGETS[rpc] else 'missed'})",
             ]
+            service_series = series["service"]
+            case["owner_cpu_ms"] = service_series.median("owner_ms_per_request")
+            if frontends > 1:
+                fe_ms = service_series.median("frontend_ms_per_request")
+                pids = frontend_pids(service.pid)
+                rss = max(rss_bytes(p) for p in pids) if pids else 0
+                case["frontend_cpu_ms"] = fe_ms
+                case["frontend_rss_bytes"] = rss
+                case["frontend_requests_per_core_s"] = 1000 / fe_ms if fe_ms else 0.0
+                lines.append(
+                    f"  processes: owner {case['owner_cpu_ms']:.3f} ms CPU/request, "
+                    f"front ends {fe_ms:.3f} ms CPU/request (all {len(pids)} together); "
+                    f"a front end's RSS {rss / 2**20:.0f} MiB; front-end capacity "
+                    f"{case['frontend_requests_per_core_s']:.0f} requests/s per core"
+                )
+            else:
+                lines.append(
+                    f"  processes: one, {case['owner_cpu_ms']:.3f} ms CPU/request; its RSS "
+                    f"{rss_bytes(service.pid) / 2**20:.0f} MiB"
+                )
             if model == "mobilenet":
                 ideal = ideal_throughput(runtime, samples, batch)
                 share = case["service_requests_per_s"] / ideal

@@ -340,10 +340,10 @@ def test_missing_wrong_and_malformed_tokens_are_unauthenticated_and_leave_no_tra
     assert requests_total(tls_server, "Explain", "UNAUTHENTICATED") >= 1
     assert requests_total(tls_server, "ListModels", "UNAUTHENTICATED") >= 1
     # The refusals are logged with the reason, and no token appears anywhere.
+    captured = capfd.readouterr()
     refusals = [r.getMessage() for r in caplog.records if r.name == "salience_server.security"]
     assert any(WRONG_TOKEN in m and "/salience.v1.Salience/Predict" in m for m in refusals)
     assert any(MISSING_TOKEN in m for m in refusals)
-    captured = capfd.readouterr()
     for secret in (WRONG, *TOKENS):
         assert secret not in caplog.text
         assert secret not in captured.out + captured.err

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 PROTOCOL_LAYER = (
     "salience_server.seam",
@@ -24,6 +25,13 @@ PROTOCOL_LAYER = (
     "salience_server.explain.plan",
     "salience_server.explain.catalog",
     "salience_server.explain.options",
+    # What a front-end process of `--frontends N` runs.
+    "salience_server.frontdoor",
+    "salience_server.security",
+    "salience_server.connections",
+    "salience_server.procs.wire",
+    "salience_server.procs.state",
+    "salience_server.procs.frontend",
 )
 
 
@@ -61,3 +69,49 @@ import salience_server.runtime
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode != 0
     assert "refused" in result.stderr
+
+
+def test_a_running_front_end_process_has_not_imported_tensorflow(tmp_path: Path) -> None:
+    # A real `--frontends 2` server (the device owner is this test's own process,
+    # which has TensorFlow): each front end, started for real, serves a Predict and
+    # an Explain, then reports the modules it holds when asked (SIGUSR2 writes them).
+    import keras
+    import numpy as np
+
+    from salience_client import SalienceClient
+    from tests.conftest import running_server, save_model
+
+    x = keras.Input((3,), name="x")
+    model = keras.Model(x, keras.layers.Dense(2, activation="softmax", name="out")(x))
+    save_model(tmp_path, "tiny", model)
+    with running_server(tmp_path, frontends=2) as server:
+        rows = np.arange(6, dtype=np.float32).reshape(2, 3)
+        with SalienceClient(server.target) as client:
+            for _ in range(8):  # connections spread over the front ends
+                predicted = client.predict("tiny", rows).outputs["out"]
+                np.testing.assert_allclose(predicted, model.predict(rows, verbose=0), rtol=1e-5)
+        frontends = server.server._frontends
+        pids = [p.pid for p in frontends._processes.values()]
+        assert len(pids) == 2
+        for pid in pids:
+            modules = frontend_modules(frontends.directory, pid)
+            assert "salience_server.frontdoor" in modules
+            assert "grpc" in modules
+            assert not {"tensorflow", "keras", "tf_keras"} & modules, sorted(modules)
+
+
+def frontend_modules(directory: Path, pid: int) -> set[str]:
+    """The top-level and package modules a front end has imported (it writes them to
+    `modules-<pid>` in its run directory on SIGUSR2).
+    """
+    import os
+    import signal
+    import time
+
+    path = directory / f"modules-{pid}"
+    os.kill(pid, signal.SIGUSR2)
+    end = time.monotonic() + 30
+    while not path.exists() or not path.read_text().endswith("\n.\n"):
+        assert time.monotonic() < end, "the front end did not list its modules"
+        time.sleep(0.05)
+    return set(path.read_text().splitlines()[:-1])
