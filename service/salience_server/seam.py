@@ -14,7 +14,8 @@ Above the seam (`core`, `batching`, `servicer`, `stream`, `oip`, `convert`,
 
 - **metadata**: the descriptive attributes, `supported_methods()`,
   `backprop_modifiers()`, `default_grad_modifier(options)` (the map a request
-  that names no grad modifier gets, as this model resolves it), and the server-wide `Catalog` of names;
+  that names no grad modifier gets, as this model resolves it), and the
+  server-wide `Catalog` of names;
 - **plan**: `check_options` then `plan(options, rows)` turns checked options into
   a `Plan` (pure data: a hashable `Graph`, per-sample numpy params, `Post`);
   `cached_plan` answers options planned before without a lock, on the event loop;
