@@ -19,6 +19,8 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from salience_server.explain import catalog
+
 log = logging.getLogger(__name__)
 
 
@@ -126,6 +128,15 @@ def label_call(model: str, method: str) -> None:
     call = _CALL.get()
     if call is not None:
         call.model, call.method = model, method
+
+
+def label_explain(model: str, method: str) -> None:
+    """Labels an explanation RPC by the method it asks for ("" asks for the default,
+    vanilla); an unknown method is labelled "", so callers cannot grow the label set.
+    The one rule for Explain, ExplainStream and ModelInfer's saliency outputs.
+    """
+    method = method or catalog.DEFAULT_METHOD
+    label_call(model, method if method in catalog.METHODS else "")
 
 
 class CallGone(Exception):

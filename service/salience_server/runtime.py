@@ -645,6 +645,17 @@ class ModelRuntime:
         """The backprop modifiers this model can be explained with."""
         return backprop.supported_modifiers(self)
 
+    def default_grad_modifier(self, options: ExplainOptions) -> str:
+        """The grad modifier of the map `options` get when they name none: the model's
+        configured default, else the method's ("" for a method that is not known,
+        which `check_options` refuses, naming it).
+        """
+        options = self.config.explain.apply(options)
+        if options.grad_modifiers:
+            return options.grad_modifiers[0]
+        method = METHODS.get(options.method)
+        return "" if method is None else method.default_grad_modifier
+
     def derive(self, key: Hashable, make: Callable[[], T]) -> T:
         """A model or fact derived from this one (a backprop-modified copy, a layer
         scan), made by `make` once per key and kept for the runtime's life.

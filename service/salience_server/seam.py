@@ -12,8 +12,10 @@ Above the seam (`core`, `batching`, `servicer`, `stream`, `oip`, `convert`,
 `checks`) a model is a `ModelDevice`: pure data that describes it (`TensorInfo`,
 `LayerInfo`, its configuration) and five calls:
 
-- **metadata**: the descriptive attributes, `supported_methods()` and
-  `backprop_modifiers()`, and the server-wide `Catalog` of names;
+- **metadata**: the descriptive attributes, `supported_methods()`,
+  `backprop_modifiers()`, `default_grad_modifier(options)` (the map a request
+  that names no grad modifier gets, as this model resolves it), and the
+  server-wide `Catalog` of names;
 - **plan**: `check_options` then `plan(options, rows)` turns checked options into
   a `Plan` (pure data: a hashable `Graph`, per-sample numpy params, `Post`);
   `cached_plan` answers options planned before without a lock, on the event loop;
@@ -92,6 +94,8 @@ class ModelDevice(Protocol):
     def supported_methods(self) -> tuple[str, ...]: ...
 
     def backprop_modifiers(self) -> tuple[str, ...]: ...
+
+    def default_grad_modifier(self, options: ExplainOptions) -> str: ...
 
     # Plan ----------------------------------------------------------------------
 

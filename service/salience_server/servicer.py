@@ -16,9 +16,8 @@ from salience.v1 import salience_pb2 as pb
 from salience.v1 import salience_pb2_grpc
 from salience_server import convert
 from salience_server.core import LOADING, InferenceCore
-from salience_server.errors import label_call
+from salience_server.errors import label_call, label_explain
 from salience_server.explain import catalog
-from salience_server.explain.options import VANILLA
 from salience_server.stream import explain_stream
 
 
@@ -50,10 +49,8 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
     async def Explain(
         self, request: pb.ExplainRequest, context: aio.ServicerContext
     ) -> pb.ExplainResponse:
-        # Labelled first, so requests that fail to decode are counted by model too;
-        # an unknown method gets "" so callers cannot grow the label set.
-        method = request.explanation.method or VANILLA
-        label_call(request.model.name, method if method in catalog.METHODS else "")
+        # Labelled first, so requests that fail to decode are counted by model too.
+        label_explain(request.model.name, request.explanation.method)
         convert.check_model(request.model)
         arrays = convert.request_inputs(request.inputs)
         options = convert.explain_options(request.explanation, self.core.settings.limits)

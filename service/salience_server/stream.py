@@ -48,10 +48,9 @@ from salience_server.errors import (
     InvalidArgument,
     QueueFull,
     ServiceError,
-    label_call,
+    label_explain,
 )
-from salience_server.explain import catalog
-from salience_server.explain.options import VANILLA, ExplainOptions
+from salience_server.explain.options import ExplainOptions
 from salience_server.seam import ModelDevice
 
 # The window's default and cap, in device calls: one computing while the next fills.
@@ -143,9 +142,7 @@ class _Stream:
         if request is None:
             return None
         name = request.model.name
-        method = request.explanation.method or VANILLA
-        # As for Explain: an unknown method is labelled "" so callers cannot grow the labels.
-        label_call(name, method if method in catalog.METHODS else "")
+        label_explain(name, request.explanation.method)
         try:
             # The version is resolved once: a stream is answered by one version, even if
             # a newer one is loaded while it runs.

@@ -234,3 +234,67 @@ def test_model_versions_follow_failures_and_hot_reload(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, states(scrape(running), "copied")
             time.sleep(0.1)
         assert states(scrape(running), "linear") == zero | {"ready": 1.0}
+
+
+def test_explain_stream_and_modelinfer_label_methods_alike(tmp_path: Path) -> None:
+    # One rule labels every explanation RPC: the method asked for, `vanilla` when
+    # none is named, "" for an unknown one (callers cannot grow the label set).
+    from inference.v2 import grpc_service_pb2 as oip
+    from inference.v2 import grpc_service_pb2_grpc
+
+    x = np.random.default_rng(4).normal(size=(1, *LINEAR_SHAPE)).astype(np.float32)
+    methods = ("", "gradient-x-input", "no_such_method")
+    codes: dict[tuple[str, str], grpc.StatusCode] = {}
+    repo = build_repository(tmp_path / "repo")
+    with running_server(repo, metrics_port=0) as running:
+        with grpc.insecure_channel(running.target) as channel:
+            salience = salience_pb2_grpc.SalienceStub(channel)
+            inference = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+            def infer(method: str) -> Any:
+                request = oip.ModelInferRequest(model_name="linear")
+                request.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+                request.raw_input_contents.append(x.tobytes())
+                request.outputs.add(name="saliency")
+                request.parameters["filter_indices"].int64_param = 0
+                if method:
+                    request.parameters["method"].string_param = method
+                return inference.ModelInfer(request, timeout=60)
+
+            def stream(method: str) -> Any:
+                first = explain_request("linear", x, method)
+                frame = pb.ExplainStreamRequest(
+                    frame_id="a",
+                    inputs=first.inputs,
+                    model=first.model,
+                    explanation=first.explanation,
+                )
+                return list(salience.ExplainStream(iter([frame]), timeout=60))
+
+            calls = {
+                "Explain": lambda m: salience.Explain(explain_request("linear", x, m), timeout=60),
+                "ExplainStream": stream,
+                "ModelInfer": infer,
+            }
+            for rpc, call in calls.items():
+                for method in methods:
+                    try:
+                        call(method)
+                        codes[rpc, method] = grpc.StatusCode.OK
+                    except grpc.RpcError as err:
+                        codes[rpc, method] = err.code()
+        samples = scrape(running)
+    for rpc in calls:
+        assert [codes[rpc, m] for m in methods] == [
+            grpc.StatusCode.OK,
+            grpc.StatusCode.OK,
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ], rpc
+        for method, code in (
+            ("vanilla", "OK"),
+            ("gradient-x-input", "OK"),
+            ("", "INVALID_ARGUMENT"),
+        ):
+            labels = {"rpc": rpc, "model": "linear", "method": method, "code": code}
+            assert value(samples, "salience_requests_total", **labels) == 1, labels
+        assert total(samples, "salience_requests_total", rpc=rpc) == len(methods)

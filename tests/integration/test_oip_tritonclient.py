@@ -135,5 +135,6 @@ def test_refusals_carry_the_codes_tritonclient_reports(seen: dict[str, Any]) -> 
     assert seen["unknown_parameter"]["status"] == "StatusCode.INVALID_ARGUMENT"
     assert seen["unknown_parameter"]["message"].startswith(
         "parameters['temperature'] is not a parameter salience knows: use one of "
-        "'backprop_modifier', 'blur_grad_step', 'blur_max_sigma', 'filter_indices'"
+        "'backprop_modifier', 'blur_grad_step', 'blur_max_sigma', 'chunk_size', "
+        "'filter_indices'"
     )

@@ -7,6 +7,7 @@ warm-up, never again), and a dtype the input does not accept is refused by name.
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -332,3 +333,90 @@ def test_the_unit_cast_divides_as_the_client_reads_images() -> None:
     np.testing.assert_array_equal(got.numpy(), unit(every))
     (same,) = cast.cast([tf.constant(unit(every))])
     np.testing.assert_array_equal(same.numpy(), unit(every))
+
+
+# The Open Inference Protocol: metadata lists what an input accepts, ModelInfer takes it.
+
+
+@pytest.fixture(scope="module")
+def oip_stub(server: RunningServer) -> Iterator[Any]:
+    from inference.v2 import grpc_service_pb2_grpc
+
+    with grpc.insecure_channel(server.target) as channel:
+        yield grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+
+def _oip_request(model: str, array: np.ndarray, datatype: str, *outputs: str) -> Any:
+    from inference.v2 import grpc_service_pb2 as oip
+
+    request = oip.ModelInferRequest(model_name=model)
+    request.inputs.add(name="image", datatype=datatype, shape=list(array.shape))
+    request.raw_input_contents.append(array.astype(array.dtype.newbyteorder("<")).tobytes())
+    for name in outputs:
+        request.outputs.add(name=name)
+    return request
+
+
+def _oip_output(response: Any, name: str) -> np.ndarray:
+    k = [t.name for t in response.outputs].index(name)
+    tensor = response.outputs[k]
+    assert tensor.datatype == "FP32"
+    return np.frombuffer(response.raw_output_contents[k], "<f4").reshape(tensor.shape)
+
+
+def test_oip_metadata_lists_the_datatypes_an_input_accepts(oip_stub: Any) -> None:
+    from inference.v2 import grpc_service_pb2 as oip
+
+    stub = oip_stub
+    for model, wire_range in (("unit", "unit"), ("raw", "raw"), ("saved", "unit")):
+        (image,) = stub.ModelMetadata(oip.ModelMetadataRequest(name=model)).inputs
+        # The model's datatype stays the tensor's: clients built from the published
+        # schema see FP32 as before.
+        assert (image.name, image.datatype, list(image.shape)) == ("image", "FP32", [-1, 8, 8, 3])
+        assert dict(image.parameters) == {
+            "accepted_datatypes": oip.InferParameter(string_param="FP32,UINT8"),
+            "wire_range": oip.InferParameter(string_param=wire_range),
+        }
+    # An input that takes only its model's datatype has no parameters.
+    (plain,) = stub.ModelMetadata(oip.ModelMetadataRequest(name="plain")).inputs
+    assert (plain.datatype, len(plain.parameters)) == ("FP32", 0)
+    # Outputs never have any.
+    (probs,) = stub.ModelMetadata(oip.ModelMetadataRequest(name="unit")).outputs
+    assert (probs.datatype, len(probs.parameters)) == ("FP32", 0)
+
+
+def test_oip_uint8_infer_gets_the_float_images_predictions_and_map(
+    oip_stub: Any, client: SalienceClient
+) -> None:
+    stub = oip_stub
+    p = pixels(3, seed=5)
+    got = stub.ModelInfer(_oip_request("unit", p, "UINT8", "probs", "saliency"))
+    want = stub.ModelInfer(_oip_request("unit", unit(p), "FP32", "probs", "saliency"))
+    np.testing.assert_allclose(
+        _oip_output(got, "probs"), _oip_output(want, "probs"), rtol=RTOL, atol=ATOL
+    )
+    np.testing.assert_allclose(
+        _oip_output(got, "probs"), client.predict("unit", unit(p)).predictions, rtol=RTOL, atol=ATOL
+    )
+    saliency = _oip_output(want, "saliency")
+    assert saliency.shape == (3, 8, 8)
+    assert np.abs(saliency).max() > 0
+    np.testing.assert_allclose(_oip_output(got, "saliency"), saliency, rtol=1e-4, atol=1e-6)
+
+
+def test_oip_refuses_a_datatype_the_input_does_not_accept(oip_stub: Any) -> None:
+    stub = oip_stub
+    ints = pixels(1).astype(np.int32)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(_oip_request("unit", ints, "INT32"))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == (
+        "inputs[0].datatype='INT32' is not accepted: input 'image' of model 'unit' takes "
+        "FP32 or UINT8"
+    )
+    # Without wire dtypes, UINT8 is refused naming the one datatype the input takes.
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(_oip_request("plain", pixels(1), "UINT8"))
+    assert caught.value.details() == (
+        "inputs[0].datatype='UINT8' is not accepted: input 'image' of model 'plain' takes FP32"
+    )

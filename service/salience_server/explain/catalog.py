@@ -30,6 +30,8 @@ _METHODS: dict[str, str] = {
     "xrai": "none",
 }
 METHODS = MappingProxyType(_METHODS)
+# What a request that names no method gets (`explain.options.VANILLA`).
+DEFAULT_METHOD = "vanilla"
 
 # Grad modifier names, built-in ones first; plugins append (`add_grad_modifier`).
 _GRAD_MODIFIERS: list[str] = ["absolute", "none", "negate", "relu", "invert", "small_values"]

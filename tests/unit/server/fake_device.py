@@ -63,6 +63,10 @@ class SumDevice:
     def backprop_modifiers(self) -> tuple[str, ...]:
         return ()
 
+    def default_grad_modifier(self, options: ExplainOptions) -> str:
+        options = self.config.explain.apply(options)
+        return options.grad_modifiers[0] if options.grad_modifiers else "absolute"
+
     # Plan -------------------------------------------------------------------
 
     def check_options(self, options: ExplainOptions, limits: Limits) -> None:
