@@ -103,7 +103,8 @@ FRONTENDS_SUBSET = \
 	tests/integration/test_server.py \
 	tests/integration/test_oip.py::test_liveness_readiness_and_server_metadata \
 	tests/integration/test_oip.py::test_model_metadata_describes_inputs_and_outputs \
-	tests/integration/test_oip.py::test_saliency_outputs_equal_explain_and_the_reference
+	tests/integration/test_oip.py::test_saliency_outputs_equal_explain_and_the_reference \
+	tests/integration/test_oip_defaults.py
 
 # The suite, then its front-end subset with `--frontends 2`, then the image test
 # (marker `image`, left out of a plain `pytest`): it starts a Docker engine of its

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from salience_server.explain import catalog
 from salience_server.repository import LoadFailure, ModelRepository
 from salience_server.seam import LayerInfo, ModelDevice, TensorInfo
 
@@ -48,6 +49,15 @@ class RemoteModel:
 
     def check_options(self, options: ExplainOptions, limits: Limits) -> None:
         """Checked by the owner with the request (the same check, the same errors)."""
+
+    def default_grad_modifier(self, options: ExplainOptions) -> str:
+        """As the owner's runtime answers it: the model's configured default, else the
+        method's ("" for a method that is not known).
+        """
+        options = self.config.explain.apply(options)
+        if options.grad_modifiers:
+            return options.grad_modifiers[0]
+        return catalog.METHODS.get(options.method, "")
 
     # The device side of the seam runs on the owner only.
 
