@@ -175,6 +175,26 @@ def test_models_json_lists_the_model(served: Served) -> None:
     assert "[N, 8, 8, 3]" in human
 
 
+def test_a_reader_that_leaves_early_ends_the_command_without_a_traceback(served: Served) -> None:
+    """`salience models --json | head`: the pipe's reader is gone before the answer is
+    written; the command stops quietly with the shell's SIGPIPE status.
+    """
+    read, write = os.pipe()
+    os.close(read)  # the reader left before anything was written
+    try:
+        done = subprocess.run(
+            [*CLI, "models", "--json", "--target", served.target],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write)
+    assert done.returncode == 141, done.stderr
+    assert done.stderr == ""
+
+
 def test_predict_writes_every_output(served: Served, inputs: dict[str, np.ndarray]) -> None:
     done = served.ok(
         "predict", "--target", served.target, "--model", "linear", "--out", "p.npz",
