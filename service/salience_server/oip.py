@@ -32,7 +32,7 @@ from salience.v1 import salience_pb2 as pb
 from salience_client import tensors
 from salience_client.tensors import TensorError
 from salience_server import convert
-from salience_server.core import READY, InferenceCore
+from salience_server.core import InferenceCore
 from salience_server.errors import InvalidArgument, ServiceError, allowed, label_call
 from salience_server.explain import catalog
 from salience_server.explain.options import OUTPUT_DTYPES, VANILLA
@@ -751,9 +751,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         convert.check_name("name", request.name)
         version = parse_version("version", request.version)
         name = request.name
-        ready = not self._stopping() and self.core.state(name) == READY
-        if ready and version:
-            ready = version in self.core.repository.versions(name)
+        ready = not self._stopping() and self.core.version_ready(name, version)
         return oip.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(
