@@ -55,8 +55,6 @@ from salience_server.metrics import Metrics
 from salience_server.plugins import load_plugins
 from salience_server.reload import RepositoryWatcher, cancel
 from salience_server.repository import (
-    LOADING,
-    READY,
     ModelRepository,
     RepositoryError,
     relative_paths,
@@ -123,20 +121,18 @@ class SalienceServer:
         return self.core is not None and self.core.repository.knows(name)
 
     def _version_states(self) -> list[tuple[str, str]]:
-        """(model, state) for every version, as ListModels reports them: a loaded
-        version stays `loading` until its model is warmed up.
+        """(model, state) for every version, as ListModels reports them
+        (`readiness.shown`: a loaded version stays `loading` until its model is
+        warmed up).
         """
         core = self.core
         if core is None:
             return []
-        repository = core.repository
-        found = []
-        for name in sorted(repository.known()):
-            warming = core.state(name) == LOADING
-            for status in repository.statuses(name):
-                state = LOADING if warming and status.state == READY else status.state
-                found.append((name, state))
-        return found
+        return [
+            (name, status.state)
+            for name in sorted(core.repository.known())
+            for status in core.statuses(name)
+        ]
 
     async def start(self) -> int:
         """Binds the port with every health status NOT_SERVING, starts loading the

@@ -10,6 +10,7 @@ import numpy as np
 from salience.v1 import salience_pb2 as pb
 from salience_client import tensors
 from salience_client.tensors import TensorError
+from salience_server import readiness
 from salience_server.errors import InvalidArgument, allowed
 from salience_server.explain import catalog
 from salience_server.explain.options import (
@@ -24,7 +25,6 @@ from salience_server.explain.options import (
     Limits,
     Objective,
 )
-from salience_server.repository import VersionStatus
 from salience_server.seam import ModelDevice, TensorInfo
 
 # Longest string a request field may hold. Names (of models, layers, inputs,
@@ -403,14 +403,14 @@ def model_metadata(
 
 
 VERSION_STATES = {
-    "loading": pb.VERSION_STATE_LOADING,
-    "ready": pb.VERSION_STATE_READY,
-    "failed": pb.VERSION_STATE_FAILED,
-    "unloading": pb.VERSION_STATE_UNLOADING,
+    readiness.LOADING: pb.VERSION_STATE_LOADING,
+    readiness.READY: pb.VERSION_STATE_READY,
+    readiness.FAILED: pb.VERSION_STATE_FAILED,
+    readiness.UNLOADING: pb.VERSION_STATE_UNLOADING,
 }
 
 
-def version_status(statuses: Sequence[VersionStatus]) -> list[pb.VersionStatus]:
+def version_status(statuses: Sequence[readiness.VersionStatus]) -> list[pb.VersionStatus]:
     """The repository's version states as `ModelMetadata.version_status`."""
     return [
         pb.VersionStatus(

@@ -6,10 +6,10 @@ only a new plan goes to a host thread.
 The servicer converts protobuf to these calls and back; nothing here knows gRPC.
 A deadline is an absolute `time.monotonic()` instant (None: no deadline).
 
-Readiness: the server answers before its models are loaded. A model is `loading`
-until every loaded version of it is warmed up (`warm_up`), then `ready`; requests
-for a loading model get UNAVAILABLE (retry), for one that failed NOT_FOUND with the
-reason.
+Readiness (`readiness` owns its states and moves): the server answers before its
+models are loaded. A model is `loading` until every loaded version of it is warmed
+up (`warm_up`), then `ready`; requests for a loading model get UNAVAILABLE (retry),
+for one that failed NOT_FOUND with the reason.
 """
 
 from __future__ import annotations
@@ -28,16 +28,12 @@ from salience_server.batching import Batcher
 from salience_server.errors import InvalidArgument, NotFound, Unavailable, allowed
 from salience_server.explain.options import ExplainOptions, ExplainResult
 from salience_server.metrics import Metrics
+from salience_server.readiness import FAILED, LOADING, READY, Readiness, VersionStatus
 from salience_server.repository import ModelRepository
 from salience_server.seam import ModelDevice
 from salience_server.settings import BatchingConfig, Settings
 
 T = TypeVar("T")
-
-# Readiness of a model (every loaded version of it together).
-LOADING = "loading"
-READY = "ready"
-FAILED = "failed"
 
 
 def _rows(arrays: dict[str, np.ndarray]) -> int:
@@ -53,8 +49,7 @@ class InferenceCore:
     ) -> None:
         # Empty until the models are loaded (`attach`): the server answers meanwhile.
         self.repository = repository if repository is not None else ModelRepository({})
-        self._states: dict[str, str] = {}
-        self._reasons: dict[str, str] = {}
+        self.readiness = Readiness()
         self.settings = settings
         self.metrics = metrics
         # Host work only (planning new options, which may build derived models):
@@ -137,15 +132,14 @@ class InferenceCore:
 
     def forget(self, name: str) -> None:
         """A model the repository no longer holds (its directory was removed)."""
-        self._states.pop(name, None)
-        self._reasons.pop(name, None)
+        self.readiness.forget(name)
 
     # Readiness ----------------------------------------------------------------
 
     def expect(self, names: Iterable[str]) -> None:
         """Models that are being loaded: requests for them get UNAVAILABLE until ready."""
         for name in names:
-            self._states.setdefault(name, LOADING)
+            self.readiness.expect(name)
 
     def attach(self, repository: ModelRepository) -> None:
         """The loaded repository; its models stay `loading` until warmed up. Expected
@@ -153,9 +147,9 @@ class InferenceCore:
         """
         self.repository = repository
         loaded = set(repository.names())
-        for name in [n for n, state in self._states.items() if state == LOADING]:
+        for name in self.readiness.names(LOADING):
             if name not in loaded:
-                del self._states[name]
+                self.readiness.forget(name)
         self.expect(loaded)
 
     def warm_up(self, runtime: ModelDevice) -> None:
@@ -163,37 +157,45 @@ class InferenceCore:
         runtime.warm_up(self.batching_config(runtime).buckets)
 
     def set_ready(self, name: str) -> None:
-        self._states[name] = READY
+        self.readiness.ready(name)
 
     def set_failed(self, name: str, reason: str) -> None:
-        self._states[name] = FAILED
-        self._reasons[name] = reason
+        self.readiness.fail(name, reason)
 
     def fail_loading(self, reason: str) -> None:
         """Loading failed as a whole: every model still loading failed with `reason`."""
-        for name, state in list(self._states.items()):
-            if state == LOADING:
-                self.set_failed(name, reason)
+        for name in self.readiness.names(LOADING):
+            self.set_failed(name, reason)
 
     def state(self, name: str) -> str | None:
         """`loading`, `ready` or `failed`; None for a model this core never expected."""
-        return self._states.get(name)
+        return self.readiness.state(name)
 
     def ready_names(self) -> list[str]:
         """The models that serve requests now."""
-        return sorted(name for name, state in self._states.items() if state == READY)
+        return self.readiness.names(READY)
+
+    def statuses(self, name: str) -> list[VersionStatus]:
+        """A model's versions as every reader shows them (`readiness.shown`): the
+        repository's states, a warming model's loaded versions `loading`.
+        """
+        return self.readiness.shown(name, self.repository.statuses(name))
+
+    def version_ready(self, name: str, version: int = 0) -> bool:
+        """Whether a model (version 0) or one served version of it is ready."""
+        return self.readiness.version_ready(name, self.repository.statuses(name), version)
 
     def runtime(self, name: str, version: int = 0) -> ModelDevice:
         """The runtime of a ready model version: UNAVAILABLE while it loads, NOT_FOUND
         (with the reason) when it failed or is not served.
         """
-        state = self._states.get(name)
+        state = self.readiness.state(name)
         if state == LOADING:
             raise Unavailable(f"model {name!r} is loading: retry in a moment")
         if state == FAILED:
             raise NotFound(
                 f"model.name={name!r} is not served (it failed to load: "
-                f"{self._reasons[name]}): choose one of {allowed(self.ready_names())}"
+                f"{self.readiness.reason(name)}): choose one of {allowed(self.ready_names())}"
             )
         return self.repository.get(name, version)
 

@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from salience_server import readiness
 from salience_server.errors import Call
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,8 @@ QUEUE_WAIT_BUCKETS = (0.0001, 0.00025, 0.0005, *LATENCY_BUCKETS)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # Message sizes: an empty metadata request (bytes) to the default 64 MiB message cap.
 BYTES_BUCKETS = tuple(float(4**i) for i in range(2, 14))
-# Every state a model version can be in (repository.VersionStatus.state).
-VERSION_STATES = ("loading", "ready", "failed", "unloading")
+# Every state a model version can be in, listed for each known model.
+VERSION_STATES = readiness.VERSION_STATES
 
 
 class Metrics:

@@ -69,6 +69,16 @@ from salience_server.model_config import (
     read_regular,
     special,
 )
+from salience_server.readiness import (
+    FAILED,
+    LOADING,
+    READY,
+    UNLOADING,
+    VERSION_TRANSITIONS,
+    VersionStatus,
+    check,
+    version_state,
+)
 
 if TYPE_CHECKING:
     # Loading a version needs TensorFlow; the registry itself does not (the device
@@ -92,12 +102,6 @@ MAX_REASON = 600
 # Configuration files up to this size are stamped by their content (a rewrite within
 # the file system's mtime granularity is still seen); larger ones by size and mtime.
 HASHED_FILE_BYTES = 1024 * 1024
-
-# The state of one version, as metadata reports it.
-LOADING = "loading"
-READY = "ready"
-FAILED = "failed"
-UNLOADING = "unloading"
 
 Stamp = tuple[tuple[str, int, str], ...]
 """Files with their sizes and contents (or modification times), sorted by path."""
@@ -556,15 +560,6 @@ def failure_reason(err: Exception) -> str:
     return text if len(text) <= MAX_REASON else text[: MAX_REASON - 1] + "…"
 
 
-@dataclass(frozen=True)
-class VersionStatus:
-    """One version as metadata reports it (version 0: the model's configuration)."""
-
-    version: int
-    state: str  # LOADING, READY, FAILED or UNLOADING
-    reason: str = ""
-
-
 class ModelRepository:
     """Loaded models by name and version, and what failed to load.
 
@@ -706,18 +701,12 @@ class ModelRepository:
         numbered = {v for v in failed if v is not None}
         for version in sorted(set(served) | numbered | loading | unloading):
             reason = failed.get(version, "")
-            if version in served:
-                if reason:
-                    reason = (
-                        f"its files on disk fail to load, the earlier ones are served: {reason}"
-                    )
-                found.append(VersionStatus(version, READY, reason))
-            elif version in loading:
-                found.append(VersionStatus(version, LOADING))
-            elif version in unloading:
-                found.append(VersionStatus(version, UNLOADING))
-            else:
-                found.append(VersionStatus(version, FAILED, reason))
+            state = version_state(version in served, version in loading, version in unloading)
+            if state == READY and reason:
+                reason = f"its files on disk fail to load, the earlier ones are served: {reason}"
+            elif state != FAILED:
+                reason = ""
+            found.append(VersionStatus(version, state, reason))
         return found
 
     def get(self, name: str, version: int = 0) -> ModelRuntime:
@@ -821,13 +810,24 @@ class ModelRepository:
 
     def mark_loading(self, name: str, version: int, loading: bool) -> None:
         """Whether a version is being loaded now (metadata shows it)."""
+        key = (name, version)
+        before = LOADING if key in self._loading else None
+        check(
+            VERSION_TRANSITIONS,
+            f"model {name!r} version {version}",
+            before,
+            LOADING if loading else None,
+        )
         if loading:
-            self._loading.add((name, version))
+            self._loading.add(key)
         else:
-            self._loading.discard((name, version))
+            self._loading.discard(key)
 
     def mark_unloading(self, runtime: ModelRuntime, unloading: bool) -> None:
         """Whether a runtime no longer served is finishing its in-flight requests."""
+        before = UNLOADING if any(r is runtime for r in self._unloading) else None
+        what = f"model {runtime.name!r} version {runtime.version}"
+        check(VERSION_TRANSITIONS, what, before, UNLOADING if unloading else None)
         if unloading:
             self._unloading.append(runtime)
         else:

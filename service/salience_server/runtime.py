@@ -656,6 +656,12 @@ class ModelRuntime:
         method = METHODS.get(options.method)
         return "" if method is None else method.default_grad_modifier
 
+    def with_model(self, model: keras.Model) -> ModelRuntime:
+        """A runtime of another Keras model (a randomised copy of this one) with this
+        one's name, version, files, configuration and placement.
+        """
+        return ModelRuntime(self.name, self.version, model, self.path, self.config, self.placement)
+
     def derive(self, key: Hashable, make: Callable[[], T]) -> T:
         """A model or fact derived from this one (a backprop-modified copy, a layer
         scan), made by `make` once per key and kept for the runtime's life.

@@ -15,7 +15,7 @@ from grpc import aio
 from salience.v1 import salience_pb2 as pb
 from salience.v1 import salience_pb2_grpc
 from salience_server import convert
-from salience_server.core import LOADING, InferenceCore
+from salience_server.core import InferenceCore
 from salience_server.errors import label_call, label_explain
 from salience_server.explain import catalog
 from salience_server.stream import explain_stream
@@ -85,7 +85,7 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
             caps.apply(settings.limits),
             with_layers,
         )
-        metadata.version_status.extend(convert.version_status(repository.statuses(name)))
+        metadata.version_status.extend(convert.version_status(self.core.statuses(name)))
         return metadata
 
     async def GetModelMetadata(
@@ -101,15 +101,10 @@ class SalienceServicer(salience_pb2_grpc.SalienceServicer):
         names = self.core.ready_names()
         models = [self._metadata(name, 0, with_layers=False) for name in names]
         # Models that do not serve (loading, or failed as a whole) are listed too,
-        # with only their name and version states, so operators see why.
-        repository = self.core.repository
-        for name in sorted(repository.known() - set(names)):
-            statuses = convert.version_status(repository.statuses(name))
-            if self.core.state(name) == LOADING:
-                # Loaded but still warming up: not ready to serve yet.
-                for status in statuses:
-                    if status.state == pb.VERSION_STATE_READY:
-                        status.state = pb.VERSION_STATE_LOADING
+        # with only their name and version states (as `readiness` shows them: a
+        # warming model's loaded versions are loading), so operators see why.
+        for name in sorted(self.core.repository.known() - set(names)):
+            statuses = convert.version_status(self.core.statuses(name))
             if statuses:
                 models.append(pb.ModelMetadata(name=name, version_status=statuses))
         return pb.ListModelsResponse(models=models)

@@ -41,9 +41,8 @@ import keras
 import tensorflow as tf
 
 from salience_server.errors import FailedPrecondition, InvalidArgument, allowed
-from salience_server.explain import ancestry, wrt
+from salience_server.explain import ancestry, common, wrt
 from salience_server.explain.engine import Method
-from salience_server.explain.methods import common
 from salience_server.explain.options import ExplainOptions
 from salience_server.explain.plan import Graph, Plan
 from salience_server.explain.targets import TargetResolver, activation_name

@@ -113,8 +113,6 @@ def copy_runtime(runtime: ModelRuntime, layers: int, seed: int) -> ModelRuntime:
     Call inside `runtime.exclusive()`. Evicting a copy also drops the parent's compiled
     functions built on it, so the bound holds for the memory they keep alive.
     """
-    from salience_server.runtime import ModelRuntime
-
     cache: OrderedDict[tuple[int, int], ModelRuntime] = runtime.derive(_CACHE_KEY, OrderedDict)
     key = (layers, seed)
     twin = cache.get(key)
@@ -122,9 +120,7 @@ def copy_runtime(runtime: ModelRuntime, layers: int, seed: int) -> ModelRuntime:
         cache.move_to_end(key)
         return twin
     model = randomized_copy(runtime.model, layers, seed)
-    twin = ModelRuntime(
-        runtime.name, runtime.version, model, runtime.path, runtime.config, runtime.placement
-    )
+    twin = runtime.with_model(model)
     cache[key] = twin
     while len(cache) > CACHE_SIZE:
         evicted, _ = cache.popitem(last=False)

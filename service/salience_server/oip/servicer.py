@@ -17,7 +17,7 @@ from grpc import aio
 from inference.v2 import grpc_service_pb2 as oip
 from inference.v2 import grpc_service_pb2_grpc
 from salience_server import convert
-from salience_server.core import READY, InferenceCore
+from salience_server.core import InferenceCore
 from salience_server.errors import InvalidArgument, allowed, label_call, label_explain
 from salience_server.oip import codec
 from salience_server.oip.outputs import SALIENCY, SALIENCY_PREFIX, requested_outputs
@@ -87,9 +87,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         convert.check_name("name", request.name)
         version = parse_version("version", request.version)
         name = request.name
-        ready = not self._stopping() and self.core.state(name) == READY
-        if ready and version:
-            ready = version in self.core.repository.versions(name)
+        ready = not self._stopping() and self.core.version_ready(name, version)
         return oip.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(

@@ -39,7 +39,7 @@ from salience_server.explain.options import ExplainOptions, ExplainResult
 from salience_server.logs import install as install_limiter
 from salience_server.metrics import Metrics
 from salience_server.procs import wire
-from salience_server.procs.state import RemoteModel, State, mirror
+from salience_server.procs.state import RemoteModel, State, mirror, readiness
 from salience_server.seam import ModelDevice
 from salience_server.security import load_security
 from salience_server.settings import Settings
@@ -188,8 +188,7 @@ class RemoteCore(InferenceCore):
 
     def apply(self, state: State) -> None:
         self.repository = mirror(state, self.owner.models)
-        self._states = dict(state.states)
-        self._reasons = dict(state.reasons)
+        self.readiness = readiness(state)
 
     async def predict(
         self,

@@ -321,13 +321,14 @@ class FrontEnds:
             }
         health_servicer = server._health
         statuses = health_servicer.statuses if isinstance(health_servicer, MirroredHealth) else {}
+        states, reasons = core.readiness.snapshot()
         return State(
             models=models,
             failures=repository.failures,
             loading=frozenset(repository._loading),
             unloading=tuple((r.name, r.version) for r in repository._unloading),
-            states=dict(core._states),
-            reasons=dict(core._reasons),
+            states=states,
+            reasons=reasons,
             health=dict(statuses),
             shut=isinstance(health_servicer, MirroredHealth) and health_servicer.shut,
             serving=server._serving,

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from salience_server.explain import catalog
+from salience_server.readiness import Readiness
 from salience_server.repository import LoadFailure, ModelRepository
 from salience_server.seam import LayerInfo, ModelDevice, TensorInfo
 
@@ -129,8 +130,8 @@ class State:
     failures: tuple[LoadFailure, ...]
     loading: frozenset[tuple[str, int]]
     unloading: tuple[tuple[str, int], ...]
-    states: dict[str, str]  # the core's readiness by model
-    reasons: dict[str, str]
+    states: dict[str, str]  # the core's readiness by model (`Readiness.snapshot`)
+    reasons: dict[str, str]  # why a failed model failed
     health: dict[str, int]  # health status by service name
     shut: bool  # health entered graceful shutdown
     serving: bool
@@ -156,3 +157,8 @@ def mirror(state: State, models: Mapping[int, RemoteModel]) -> ModelRepository:
     repository._loading = set(state.loading)
     repository._unloading = cast(Any, [_Unloading(n, v) for n, v in state.unloading])
     return repository
+
+
+def readiness(state: State) -> Readiness:
+    """The owner's readiness, to be read through the same view as the owner's."""
+    return Readiness(state.states, state.reasons)

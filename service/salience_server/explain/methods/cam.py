@@ -52,9 +52,8 @@ import keras
 import tensorflow as tf
 
 from salience_server.errors import FailedPrecondition, InvalidArgument, allowed
-from salience_server.explain import ancestry, backprop, modifiers
+from salience_server.explain import ancestry, backprop, common, modifiers
 from salience_server.explain.engine import DeviceFunction, Method, RawTensors
-from salience_server.explain.methods import common
 from salience_server.explain.options import (
     GRADCAM,
     GRADCAM_PLUS_PLUS,

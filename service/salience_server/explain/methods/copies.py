@@ -29,8 +29,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from salience_server.explain import common
 from salience_server.explain.engine import per_sample
-from salience_server.explain.methods import common
 from salience_server.explain.plan import COPIES, Plan
 
 # Rows (copies x samples) of one chunk. A 224x224 ResNet-50 backward pass over

@@ -20,7 +20,8 @@ from collections.abc import Callable, Mapping, Sequence
 import keras
 import tensorflow as tf
 
-from salience_server.explain.methods import common, copies
+from salience_server.explain import common
+from salience_server.explain.methods import copies
 
 # The per-sample param holding a request's rows per chunk. Requests batched together
 # may ask for different sizes: the call uses the smallest, so none gets more memory

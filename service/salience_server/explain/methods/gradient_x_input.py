@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import tensorflow as tf
 
-from salience_server.explain import backprop
+from salience_server.explain import backprop, common
 from salience_server.explain.engine import DeviceFunction, Method, RawTensors
-from salience_server.explain.methods import common, copies
+from salience_server.explain.methods import copies
 from salience_server.explain.options import GRADIENT_X_INPUT, ExplainOptions
 from salience_server.explain.plan import Graph, Plan
 

@@ -35,9 +35,9 @@ import numpy as np
 import tensorflow as tf
 
 from salience_server.errors import InvalidArgument
-from salience_server.explain import backprop
+from salience_server.explain import backprop, common
 from salience_server.explain.engine import DeviceFunction, Method, RawTensors, per_sample
-from salience_server.explain.methods import common, copies
+from salience_server.explain.methods import copies
 from salience_server.explain.methods.integrated_gradients import (
     ATTRIBUTIONS,
     BASELINE,

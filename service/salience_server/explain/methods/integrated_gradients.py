@@ -34,9 +34,9 @@ import numpy as np
 import tensorflow as tf
 
 from salience_server.errors import InvalidArgument
-from salience_server.explain import backprop
+from salience_server.explain import backprop, common
 from salience_server.explain.engine import DeviceFunction, Method, RawTensors, per_sample
-from salience_server.explain.methods import common, copies
+from salience_server.explain.methods import copies
 from salience_server.explain.options import DEFAULT_STEPS, INTEGRATED_GRADIENTS, ExplainOptions
 from salience_server.explain.plan import Graph, Plan
 

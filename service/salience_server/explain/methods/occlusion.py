@@ -35,9 +35,9 @@ import numpy as np
 import tensorflow as tf
 
 from salience_server.errors import FailedPrecondition, InvalidArgument
-from salience_server.explain import backprop, modifiers
+from salience_server.explain import backprop, common, modifiers
 from salience_server.explain.engine import DeviceFunction, Method, RawTensors, per_sample
-from salience_server.explain.methods import common, copies, forward_copies
+from salience_server.explain.methods import copies, forward_copies
 from salience_server.explain.methods.scorecam import chunk_param
 from salience_server.explain.options import (
     DEFAULT_OCCLUSION_VALUE,

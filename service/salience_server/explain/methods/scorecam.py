@@ -39,9 +39,9 @@ import numpy as np
 import tensorflow as tf
 
 from salience_server.errors import FailedPrecondition, InvalidArgument
-from salience_server.explain import backprop, modifiers
+from salience_server.explain import backprop, common, modifiers
 from salience_server.explain.engine import DeviceFunction, Method, RawTensors, per_sample
-from salience_server.explain.methods import cam, common, copies, forward_copies
+from salience_server.explain.methods import cam, copies, forward_copies
 from salience_server.explain.options import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_TOP_CHANNELS,

@@ -36,9 +36,9 @@ import numpy as np
 import tensorflow as tf
 
 from salience_server.errors import InvalidArgument
-from salience_server.explain import backprop, modifiers
+from salience_server.explain import backprop, common, modifiers
 from salience_server.explain.engine import DeviceFunction, Method, RawTensors, per_sample
-from salience_server.explain.methods import common, copies
+from salience_server.explain.methods import copies
 from salience_server.explain.options import (
     DEFAULT_NOISE,
     DEFAULT_SAMPLES,

@@ -17,9 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import tensorflow as tf
 
-from salience_server.explain import backprop
+from salience_server.explain import backprop, common
 from salience_server.explain.engine import DeviceFunction, Method, RawTensors
-from salience_server.explain.methods import common
 from salience_server.explain.options import VANILLA, ExplainOptions
 from salience_server.explain.plan import Graph, Plan
 

@@ -45,9 +45,9 @@ from skimage.morphology import disk
 from skimage.transform import resize
 
 from salience_server.errors import InvalidArgument
-from salience_server.explain import backprop, modifiers
+from salience_server.explain import backprop, common, modifiers
 from salience_server.explain.engine import DeviceFunction, Method, RawTensors, per_sample
-from salience_server.explain.methods import common, copies
+from salience_server.explain.methods import copies
 from salience_server.explain.methods.blur_ig import image_input, image_reason
 from salience_server.explain.methods.integrated_gradients import BASELINE, checked_baseline
 from salience_server.explain.options import (
