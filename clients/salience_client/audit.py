@@ -67,6 +67,9 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "faster-scorecam": {"method": "faster-scorecam"},
     "layercam": {"method": "layercam"},
     "occlusion": {"method": "occlusion"},
+    "blur-ig": {"method": "blur-ig"},
+    "guided-ig": {"method": "guided-ig"},
+    "xrai": {"method": "xrai"},
 }
 DEFAULT_METHODS = "vanilla,gradcam,guided-backprop"
 DEFAULT_COUNT = 64

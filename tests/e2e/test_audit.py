@@ -160,10 +160,19 @@ def test_report_renders_with_embedded_images(audited: dict[str, Any]) -> None:
         assert plot.size[0] > 300
 
 
-def test_audit_takes_the_forward_pass_methods(served: RunningServer, tmp_path: Path) -> None:
-    """Score-CAM, Faster-ScoreCAM, Layer-CAM and occlusion are audit methods too: on
-    `shapes` each map's insertion curve beats a random order."""
-    methods = ["scorecam", "faster-scorecam", "layercam", "occlusion"]
+@pytest.mark.parametrize(
+    "methods",
+    [
+        ["scorecam", "faster-scorecam", "layercam", "occlusion"],
+        ["blur-ig", "guided-ig", "xrai"],
+    ],
+    ids=["forward", "paths"],
+)
+def test_audit_takes_the_newer_methods(
+    served: RunningServer, tmp_path: Path, methods: list[str]
+) -> None:
+    """Score-CAM, Faster-ScoreCAM, Layer-CAM, occlusion, Blur IG, Guided IG and XRAI are
+    audit methods too: on `shapes` each map's insertion curve beats a random order."""
     args = [
         "audit", "--target", served.target, "--model", "shapes", "--data", "generated",
         "--count", "8", "--seed", str(SEED), "--methods", ",".join(methods), "--steps", "4",
