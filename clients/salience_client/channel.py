@@ -29,6 +29,7 @@ import enum
 import ipaddress
 import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +40,18 @@ from grpc import aio
 
 from salience.v1 import salience_pb2 as pb
 
+# Where a client connects when it is given no target: $SALIENCE_TARGET, else this.
+TARGET_ENV = "SALIENCE_TARGET"
+DEFAULT_TARGET = "localhost:50051"
 DEFAULT_TIMEOUT_SECONDS = 60.0
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def default_target() -> str:
+    """$SALIENCE_TARGET when set (and not empty), else localhost:50051."""
+    return os.environ.get(TARGET_ENV) or DEFAULT_TARGET
+
+
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Salience"].full_name
 
 # The statuses the server answers when nothing was computed and a later attempt may

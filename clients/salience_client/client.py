@@ -41,6 +41,7 @@ from salience_client.channel import (
     RetryPolicy,
     Timeout,
     check_timeout,
+    default_target,
     resolve_timeout,
 )
 from salience_client.messages import (
@@ -86,7 +87,7 @@ class ClientBase:
 
     def __init__(
         self,
-        target: str,
+        target: str | None = None,
         *,
         timeout: float | None = DEFAULT_TIMEOUT_SECONDS,
         tls: TLS | bool | None = None,
@@ -99,6 +100,7 @@ class ClientBase:
         options: Sequence[tuple[str, Any]] = (),
         channel: Any = None,
     ) -> None:
+        target = default_target() if target is None else target
         self.target = target
         self.timeout = check_timeout(timeout)
         if tls is True:
@@ -135,6 +137,9 @@ class ClientBase:
 
 class SalienceClient(ClientBase):
     """A blocking client, safe to share between threads.
+
+    `target` is the server's address; None (the default) means $SALIENCE_TARGET,
+    else localhost:50051.
 
     Every call has a deadline: the client's `timeout` (60 s by default; None: no
     deadline), or a method's own `timeout=` — seconds, None for no deadline at all,

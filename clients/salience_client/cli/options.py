@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from salience_client.channel import TLS
+from salience_client.channel import DEFAULT_TARGET, TARGET_ENV, TLS, default_target
 from salience_client.client import DEFAULT_TIMEOUT_SECONDS, SalienceClient
 from salience_client.inputs import UsageError
 from salience_client.results import Objective
@@ -24,9 +24,7 @@ EXIT_USAGE = 2
 # `salience models --wait`: a model failed to load, or still loads when the wait ends.
 EXIT_NOT_READY = 3
 
-TARGET_ENV = "SALIENCE_TARGET"
 TOKEN_ENV = "SALIENCE_TOKEN"
-DEFAULT_TARGET = "localhost:50051"
 OBJECTIVE_FORMAT = "LAYER:I[,I...][:WEIGHT]"
 
 
@@ -167,7 +165,7 @@ def connection_parser() -> argparse.ArgumentParser:
     connection = argparse.ArgumentParser(add_help=False)
     connection.add_argument(
         "--target",
-        default=os.environ.get(TARGET_ENV) or DEFAULT_TARGET,
+        default=default_target(),
         metavar="HOST:PORT",
         help=f"server address (default ${TARGET_ENV}, else {DEFAULT_TARGET})",
     )

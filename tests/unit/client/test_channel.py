@@ -210,3 +210,23 @@ def test_deadline_errors_name_the_deadline() -> None:
     assert err.details == "no answer within the call's deadline of 0.25 s (Deadline Exceeded)"
     assert err.timeout == 0.25
     assert str(err).startswith("DEADLINE_EXCEEDED: no answer within")
+
+
+def test_a_client_given_no_target_connects_to_salience_target_else_localhost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from salience_client import AsyncSalienceClient, SalienceClient
+
+    monkeypatch.delenv("SALIENCE_TARGET", raising=False)
+    with SalienceClient() as client:
+        assert (client.target, client.config.target) == ("localhost:50051", "localhost:50051")
+    monkeypatch.setenv("SALIENCE_TARGET", "salience.internal:7000")
+    with SalienceClient() as client:
+        assert (client.target, client.config.target) == ("salience.internal:7000",) * 2
+    with SalienceClient("elsewhere:1") as client:  # a target given wins
+        assert client.target == "elsewhere:1"
+    asynchronous = AsyncSalienceClient()
+    assert asynchronous.target == "salience.internal:7000"
+    monkeypatch.setenv("SALIENCE_TARGET", "")  # empty is unset
+    with SalienceClient() as client:
+        assert client.target == "localhost:50051"
