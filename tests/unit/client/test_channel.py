@@ -4,6 +4,7 @@ deadlines, TLS options and where a token may be sent, checked value by value.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from pathlib import Path
@@ -225,8 +226,12 @@ def test_a_client_given_no_target_connects_to_salience_target_else_localhost(
         assert (client.target, client.config.target) == ("salience.internal:7000",) * 2
     with SalienceClient("elsewhere:1") as client:  # a target given wins
         assert client.target == "elsewhere:1"
-    asynchronous = AsyncSalienceClient()
-    assert asynchronous.target == "salience.internal:7000"
+
+    async def asynchronous() -> str:
+        async with AsyncSalienceClient() as client:
+            return client.target
+
+    assert asyncio.run(asynchronous()) == "salience.internal:7000"
     monkeypatch.setenv("SALIENCE_TARGET", "")  # empty is unset
     with SalienceClient() as client:
         assert client.target == "localhost:50051"
